@@ -1,0 +1,7 @@
+"""userproxy: a userspace TCP/UDP load-balancing proxy for Kubernetes Services."""
+
+from userproxy.app import UnknownServicePort, UserProxy
+from userproxy.settings import ProxySettings, SettingsError
+
+__version__ = "0.1.0"
+__all__ = ["ProxySettings", "SettingsError", "UnknownServicePort", "UserProxy", "__version__"]

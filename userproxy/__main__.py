@@ -1,0 +1,3 @@
+from userproxy.cli import main
+
+main()

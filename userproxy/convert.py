@@ -1,0 +1,254 @@
+"""Kubernetes objects (plain dicts, as parsed from YAML or JSON) into the proxy's value types.
+
+Every function here is pure. A Service the proxy will not serve comes back with a `skipped`
+sentence (headless, ExternalName, no ClusterIP: not errors, nothing to do); an object that is
+wrong raises `InvalidObject` naming it and the reason; a single port that cannot be served
+(SCTP) is refused in `problems` while the others are served.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from userproxy.model import (
+    DEFAULT_AFFINITY_TIMEOUT_S,
+    NO_AFFINITY,
+    Affinity,
+    Endpoint,
+    EndpointInfo,
+    Protocol,
+    ServicePort,
+    ServicePortName,
+)
+
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
+HEADLESS_LABEL = "service.kubernetes.io/headless"
+
+Obj = Mapping[str, Any]
+
+
+class InvalidObject(ValueError):
+    """A Kubernetes object the proxy cannot understand; the message names it and says why."""
+
+
+@dataclass(frozen=True)
+class ServiceResult:
+    ports: tuple[ServicePort, ...] = ()
+    skipped: str | None = None
+    problems: tuple[str, ...] = ()
+
+
+#: (port name, protocol) -> endpoints, as one EndpointSlice or Endpoints object lists them.
+PortEndpoints = dict[tuple[str, Protocol], tuple[EndpointInfo, ...]]
+
+
+@dataclass(frozen=True)
+class EndpointsResult:
+    """The endpoints one EndpointSlice (or core/v1 Endpoints object) contributes to a Service."""
+
+    service: tuple[str, str]
+    source: str
+    ports: PortEndpoints = field(default_factory=dict)
+    skipped: str | None = None
+
+
+def describe(obj: Obj) -> str:
+    """`Kind namespace/name` for messages, tolerant of missing fields."""
+    md = obj.get("metadata") if isinstance(obj, Mapping) else None
+    md = md if isinstance(md, Mapping) else {}
+    kind = obj.get("kind", "object") if isinstance(obj, Mapping) else "object"
+    return f"{kind} {md.get('namespace') or 'default'}/{md.get('name') or '?'}"
+
+
+def _metadata(obj: Obj) -> tuple[str, str, Mapping[str, str]]:
+    md = obj.get("metadata")
+    if not isinstance(md, Mapping) or not isinstance(md.get("name"), str) or not md["name"]:
+        raise InvalidObject(f"{describe(obj)}: metadata.name is missing")
+    labels = md.get("labels") or {}
+    if not isinstance(labels, Mapping):
+        raise InvalidObject(f"{describe(obj)}: metadata.labels is not a mapping")
+    return str(md.get("namespace") or "default"), md["name"], labels
+
+
+def _port_number(value: Any, *, what: str, allow_zero: bool = False) -> int:
+    low = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 65535:
+        raise ValueError(f"{what} {value!r} is not a port number ({low}-65535)")
+    return value
+
+
+def _ip(value: Any, *, what: str) -> str:
+    try:
+        return str(ipaddress.ip_address(str(value)))
+    except ValueError:
+        raise ValueError(f"{what} {value!r} is not an IP address") from None
+
+
+def _protocol(value: Any) -> Protocol | str:
+    """The port's protocol, or the refusal sentence for one the userspace proxy cannot carry."""
+    name = str(value or "TCP").upper()
+    if name == "SCTP":
+        return "SCTP is not supported by the userspace proxy"
+    try:
+        return Protocol(name)
+    except ValueError:
+        return f"unknown protocol {value!r}"
+
+
+def _affinity(spec: Obj) -> Affinity:
+    if spec.get("sessionAffinity") != "ClientIP":
+        return NO_AFFINITY
+    cfg = (spec.get("sessionAffinityConfig") or {}).get("clientIP") or {}
+    timeout = cfg.get("timeoutSeconds") or DEFAULT_AFFINITY_TIMEOUT_S
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or not 0 < timeout <= 86400:
+        raise ValueError(f"sessionAffinityConfig.clientIP.timeoutSeconds {timeout!r} is invalid")
+    return Affinity(client_ip=True, timeout_s=timeout)
+
+
+def service_skip_reason(spec: Obj) -> str | None:
+    if spec.get("type") == "ExternalName":
+        return "type ExternalName is resolved by DNS, not proxied"
+    cluster_ip = spec.get("clusterIP")
+    if cluster_ip in (None, ""):
+        return "it has no ClusterIP"
+    if cluster_ip == "None":
+        return "it is headless (clusterIP: None)"
+    return None
+
+
+def service_ports(obj: Obj) -> ServiceResult:
+    """The service ports of a v1 Service, or why there are none."""
+    namespace, name, _ = _metadata(obj)
+    spec = obj.get("spec")
+    if not isinstance(spec, Mapping):
+        raise InvalidObject(f"{describe(obj)}: spec is missing")
+    if reason := service_skip_reason(spec):
+        return ServiceResult(skipped=reason)
+    try:
+        return _service_ports(namespace=namespace, name=name, spec=spec, status=obj.get("status"))
+    except (ValueError, TypeError, AttributeError) as err:
+        raise InvalidObject(f"{describe(obj)}: {err}") from None
+
+
+def _service_ports(*, namespace: str, name: str, spec: Obj, status: Any) -> ServiceResult:
+    cluster_ip = _ip(spec["clusterIP"], what="clusterIP")
+    external_ips = tuple(_ip(ip, what="externalIP") for ip in spec.get("externalIPs") or ())
+    ingress = ((status or {}).get("loadBalancer") or {}).get("ingress") or ()
+    affinity = _affinity(spec)
+    ports_spec = spec.get("ports") or ()
+    if not isinstance(ports_spec, list | tuple):
+        raise ValueError("spec.ports is not a list")
+    ports: list[ServicePort] = []
+    problems: list[str] = []
+    for raw in ports_spec:
+        port_name = str(raw.get("name") or "")
+        protocol = _protocol(raw.get("protocol"))
+        if not isinstance(protocol, Protocol):
+            problems.append(f"port {port_name or raw.get('port')!r}: {protocol}")
+            continue
+        ports.append(
+            ServicePort(
+                name=ServicePortName(namespace, name, port_name, protocol),
+                cluster_ip=cluster_ip,
+                port=_port_number(raw.get("port"), what="port"),
+                node_port=_port_number(raw.get("nodePort") or 0, what="nodePort", allow_zero=True),
+                external_ips=external_ips,
+                load_balancer_ips=_ingress_ips(ingress),
+                affinity=affinity,
+                internal_local=spec.get("internalTrafficPolicy") == "Local",
+            )
+        )
+    return ServiceResult(ports=tuple(ports), problems=tuple(problems))
+
+
+def _ingress_ips(ingress: Any) -> tuple[str, ...]:
+    # Hostname-only ingress entries (AWS ELB style) have nothing to intercept locally.
+    return tuple(_ip(i["ip"], what="loadBalancer ingress ip") for i in ingress if i.get("ip"))
+
+
+# ----------------------------------------------------------------------------- endpoints
+def endpoint_slice(obj: Obj) -> EndpointsResult:
+    """The endpoints of a discovery.k8s.io/v1 EndpointSlice, grouped by port."""
+    namespace, name, labels = _metadata(obj)
+    service = labels.get(SERVICE_NAME_LABEL)
+    if not service:
+        return EndpointsResult((namespace, ""), name, skipped="it has no service-name label")
+    address_type = obj.get("addressType", "IPv4")
+    if address_type not in ("IPv4", "IPv6"):
+        return EndpointsResult((namespace, service), name, skipped=f"addressType {address_type}")
+    try:
+        infos = [info for ep in obj.get("endpoints") or () for info in _slice_endpoint(ep)]
+        ports = _group_by_port(obj.get("ports") or (), infos)
+    except (ValueError, TypeError, AttributeError, KeyError) as err:
+        raise InvalidObject(f"{describe(obj)}: {err}") from None
+    return EndpointsResult((namespace, service), name, ports)
+
+
+def _slice_endpoint(ep: Obj) -> list[tuple[str, Obj, str | None]]:
+    conditions = ep.get("conditions") or {}
+    # An unset `ready` means "unknown", which consumers must treat as ready (API docs).
+    ready = conditions.get("ready") is not False
+    state = {
+        "ready": ready,
+        "serving": conditions.get("serving", ready) is not False,
+        "terminating": conditions.get("terminating") is True,
+    }
+    node = ep.get("nodeName")
+    return [(_ip(a, what="endpoint address"), state, node) for a in ep.get("addresses") or ()]
+
+
+def _group_by_port(ports: Any, infos: list[tuple[str, Obj, str | None]]) -> PortEndpoints:
+    grouped: PortEndpoints = {}
+    for port in ports:
+        protocol = _protocol(port.get("protocol"))
+        if not isinstance(protocol, Protocol) or port.get("port") is None:
+            continue
+        number = _port_number(port["port"], what="endpoint port")
+        grouped[(str(port.get("name") or ""), protocol)] = tuple(
+            EndpointInfo(Endpoint(ip, number), node_name=node, **state)  # type: ignore[arg-type]
+            for ip, state, node in infos
+        )
+    return grouped
+
+
+def endpoints_object(obj: Obj) -> EndpointsResult:
+    """The endpoints of a core/v1 Endpoints object (for clusters or files without slices)."""
+    namespace, name, labels = _metadata(obj)
+    if HEADLESS_LABEL in labels:
+        return EndpointsResult((namespace, name), "endpoints", skipped="it is headless")
+    grouped: dict[tuple[str, Protocol], list[EndpointInfo]] = {}
+    try:
+        for subset in obj.get("subsets") or ():
+            infos = _subset_addresses(subset)
+            for (port_name, protocol), number in _subset_ports(subset):
+                bucket = grouped.setdefault((port_name, protocol), [])
+                bucket.extend(
+                    EndpointInfo(Endpoint(ip, number), ready=ready, serving=ready, node_name=node)
+                    for ip, ready, node in infos
+                )
+    except (ValueError, TypeError, AttributeError, KeyError) as err:
+        raise InvalidObject(f"{describe(obj)}: {err}") from None
+    ports = {key: tuple(value) for key, value in grouped.items()}
+    return EndpointsResult((namespace, name), "endpoints", ports)
+
+
+def _subset_addresses(subset: Obj) -> list[tuple[str, bool, str | None]]:
+    out = []
+    for key, ready in (("addresses", True), ("notReadyAddresses", False)):
+        for addr in subset.get(key) or ():
+            out.append((_ip(addr["ip"], what="endpoint address"), ready, addr.get("nodeName")))
+    return out
+
+
+def _subset_ports(subset: Obj) -> list[tuple[tuple[str, Protocol], int]]:
+    out = []
+    for port in subset.get("ports") or ():
+        protocol = _protocol(port.get("protocol"))
+        if not isinstance(protocol, Protocol):
+            continue
+        out.append(((str(port.get("name") or ""), protocol), _port_number(port["port"], what="port")))
+    return out

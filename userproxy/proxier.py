@@ -1,0 +1,245 @@
+"""The orchestrator: keeps one listener per service port in line with the desired state.
+
+Sources call the `on_*` handlers. Service changes are only recorded and applied by `sync()`
+(driven by the bounded-frequency runner); endpoint changes reach the balancer at once, and ask
+for a sync only when a service port gains its first or loses its last endpoint (the portal
+rules differ for services without endpoints).
+
+A listener is rebuilt on a new proxy port when a field of `ServicePort.listener_identity()`
+changes; any other change is applied in place. Established TCP connections survive rebuilds
+and endpoint changes; they are reset when their service port is removed or the proxy stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol as TypingProtocol
+
+import structlog
+
+from userproxy.balancer import RoundRobinBalancer
+from userproxy.changes import EndpointsCache, ServiceChangeTracker, ServiceKey, names_of
+from userproxy.convert import EndpointsResult
+from userproxy.model import Protocol, ServicePort, ServicePortName
+from userproxy.ports import PortAllocator, PortsExhausted, make_allocator
+from userproxy.proxy.stats import PortStats
+from userproxy.proxy.tcp import ClientSide, TcpProxy, abort_all
+from userproxy.proxy.udp import UdpProxy
+from userproxy.settings import ProxySettings
+
+log = structlog.get_logger("userproxy.proxier")
+
+#: How many proxy ports of the range to try when binding one fails (port taken by others).
+BIND_ATTEMPTS = 8
+
+
+@dataclass(frozen=True)
+class ActivePort:
+    """A served service port as the portal rules need it."""
+
+    port: ServicePort
+    proxy_port: int
+    has_endpoints: bool
+
+
+class Portals(TypingProtocol):
+    async def sync(self, active: Sequence[ActivePort]) -> None: ...
+
+    async def port_removed(self, port: ServicePort) -> None: ...
+
+
+@dataclass
+class PortRuntime:
+    port: ServicePort
+    proxy_port: int
+    listener: TcpProxy | UdpProxy
+    stats: PortStats
+    connections: set[ClientSide] = field(default_factory=set)
+
+
+class Proxier:
+    def __init__(
+        self,
+        *,
+        settings: ProxySettings,
+        balancer: RoundRobinBalancer | None = None,
+        allocator: PortAllocator | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        portals: Portals | None = None,
+    ) -> None:
+        self.settings = settings
+        self.balancer = balancer or RoundRobinBalancer()
+        self.allocator = allocator or make_allocator(settings.port_range)
+        self.clock = clock
+        self.portals = portals
+        self.tracker = ServiceChangeTracker()
+        self.endpoints = EndpointsCache()
+        self.runtimes: dict[ServicePortName, PortRuntime] = {}
+        #: Service ports whose listener could not be opened, with the reason.
+        self.failed: dict[ServicePortName, str] = {}
+        self.request_sync: Callable[[], None] = lambda: None
+        self._lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ source handlers
+    def on_service(self, key: ServiceKey, ports: tuple[ServicePort, ...] | None) -> None:
+        self.tracker.record(key, ports)
+        self.request_sync()
+
+    def on_endpoints(self, result: EndpointsResult) -> None:
+        self.endpoints.update(result)
+        self._push_endpoints(result.service)
+
+    def on_endpoints_deleted(self, service: ServiceKey, source: str) -> None:
+        self.endpoints.delete(service, source)
+        self._push_endpoints(service)
+
+    # ------------------------------------------------------------------ sync
+    async def sync(self) -> None:
+        """Apply the recorded service changes, then re-assert the portal rules."""
+        async with self._lock:
+            for key, (previous, current) in self.tracker.take().items():
+                await self._apply_change(key, names_of(previous), names_of(current))
+            self.balancer.cleanup_stale_sessions(self.clock())
+            if self.portals is not None:
+                await self.portals.sync(self.active_ports())
+
+    async def _apply_change(
+        self,
+        key: ServiceKey,
+        previous: dict[ServicePortName, ServicePort],
+        current: dict[ServicePortName, ServicePort],
+    ) -> None:
+        for name in previous.keys() - current.keys():
+            await self._remove(name)
+        for port in current.values():
+            await self._merge(port)
+        self._push_endpoints(key)
+
+    async def _merge(self, port: ServicePort) -> None:
+        runtime = self.runtimes.get(port.name)
+        self.balancer.set_affinity(port.name, port.affinity)
+        if runtime is not None and runtime.port.listener_identity() == port.listener_identity():
+            runtime.port = port
+            return
+        stats, connections = PortStats(), set[ClientSide]()
+        if runtime is not None:
+            # Rebuild: the established connections and the counters carry over.
+            self._close_listener(runtime)
+            stats, connections = runtime.stats, runtime.connections
+            del self.runtimes[port.name]
+        await self._open(port, stats, connections)
+
+    async def _open(self, port: ServicePort, stats: PortStats, connections: set[ClientSide]) -> None:
+        try:
+            listener, proxy_port = await self._listen(port, stats, connections)
+        except (OSError, PortsExhausted) as err:
+            self.failed[port.name] = str(err)
+            log.error(
+                "Could not open a proxy port for the service port; it is not served.",
+                service=str(port.name),
+                reason=str(err),
+            )
+            return
+        self.failed.pop(port.name, None)
+        self.runtimes[port.name] = PortRuntime(port, proxy_port, listener, stats, connections)
+        log.info(
+            "Serving the service port.",
+            service=str(port.name),
+            protocol=port.protocol.value,
+            cluster_ip=port.cluster_ip,
+            port=port.port,
+            proxy_port=proxy_port,
+        )
+
+    async def _listen(
+        self, port: ServicePort, stats: PortStats, connections: set[ClientSide]
+    ) -> tuple[TcpProxy | UdpProxy, int]:
+        last_error: OSError | None = None
+        for _ in range(BIND_ATTEMPTS):
+            wanted = self.allocator.allocate()
+            listener = self._make_listener(port, stats, connections)
+            try:
+                bound = await listener.listen(
+                    host=self.settings.bind_address,
+                    port=wanted,
+                    reuse_port=self.settings.workers_reuse_port,
+                )
+            except OSError as err:
+                # Someone else holds this port of the range: keep it marked and try another.
+                last_error = err
+                continue
+            return listener, bound
+        assert last_error is not None
+        raise last_error
+
+    def _make_listener(
+        self, port: ServicePort, stats: PortStats, connections: set[ClientSide]
+    ) -> TcpProxy | UdpProxy:
+        if port.protocol is Protocol.TCP:
+            return TcpProxy(
+                name=port.name,
+                balancer=self.balancer,
+                stats=stats,
+                connections=connections,
+                clock=self.clock,
+            )
+        return UdpProxy(
+            name=port.name,
+            balancer=self.balancer,
+            stats=stats,
+            clock=self.clock,
+            idle_timeout=self.settings.udp_idle_timeout,
+        )
+
+    def _close_listener(self, runtime: PortRuntime) -> None:
+        runtime.listener.close_listener()
+        self.allocator.release(runtime.proxy_port)
+
+    async def _remove(self, name: ServicePortName) -> None:
+        self.failed.pop(name, None)
+        self.balancer.delete_service(name)
+        runtime = self.runtimes.pop(name, None)
+        if runtime is None:
+            return
+        self._close_listener(runtime)
+        abort_all(runtime.connections)
+        log.info("Stopped serving the service port.", service=str(name))
+        if self.portals is not None:
+            await self.portals.port_removed(runtime.port)
+
+    # ------------------------------------------------------------------ endpoints
+    def _push_endpoints(self, service: ServiceKey) -> None:
+        names = self.endpoints.port_names(service) | {
+            name for name in self.runtimes if name.service == service
+        }
+        for name in names:
+            runtime = self.runtimes.get(name)
+            local = self.settings.node_name if runtime and runtime.port.internal_local else None
+            had_endpoints = bool(self.balancer.endpoints(name))
+            endpoints = self.endpoints.endpoints(name, local_node=local)
+            if runtime is None and not endpoints and not self.balancer.has_service(name):
+                continue
+            self.balancer.update_endpoints(name, endpoints)
+            if runtime is not None and had_endpoints != bool(endpoints):
+                self.request_sync()
+
+    # ------------------------------------------------------------------ queries and shutdown
+    def active_ports(self) -> list[ActivePort]:
+        return [
+            ActivePort(rt.port, rt.proxy_port, bool(self.balancer.endpoints(name)))
+            for name, rt in sorted(self.runtimes.items())
+        ]
+
+    async def shutdown(self) -> None:
+        """Close every listener and connection. Portal rules are the caller's to remove."""
+        async with self._lock:
+            for name in list(self.runtimes):
+                runtime = self.runtimes.pop(name)
+                self._close_listener(runtime)
+                abort_all(runtime.connections)
+                self.balancer.delete_service(name)
+        # Let the transports run their connection_lost callbacks and release their sockets.
+        await asyncio.sleep(0)

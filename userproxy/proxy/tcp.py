@@ -1,0 +1,297 @@
+"""The TCP data path: one listener per service port, one relay per accepted connection.
+
+A relay is two asyncio Protocols (client side and backend side) that write straight into each
+other's transports, so a chunk costs one callback and one `write`. The network behaviour:
+
+- Accepting never waits for dialling: each connection dials in its own task, with failover
+  across endpoints (0.25, 0.5, 1 and 2 s attempts, affinity reset after a failure).
+- Backpressure: when a side's write buffer passes its high-water mark the other side stops
+  reading, and resumes when it drains, so a slow reader holds the proxy to bounded buffers
+  (the kernel's socket buffers then push back on the fast sender).
+- Bytes a client sends before its backend is up are buffered up to a bound, then its reading is
+  paused. (Under uvloop, pausing inside `connection_made` has no effect, so we cannot simply
+  not read.)
+- A FIN is passed on as a FIN (`write_eof`) while the other direction keeps flowing; once both
+  directions are finished both sockets are closed. A reset or error on one side is passed on
+  as a reset (SO_LINGER 0 then close) so the peer does not mistake a failure for a clean end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import Callable
+from typing import cast
+
+import structlog
+
+from userproxy.balancer import BalancerError, RoundRobinBalancer
+from userproxy.model import ServicePortName
+from userproxy.proxy.stats import EndpointCounters, PortStats
+
+log = structlog.get_logger("userproxy.tcp")
+
+#: Dial attempts and their timeouts, as in kube-proxy's userspace mode (worst case 3.75 s).
+DIAL_TIMEOUTS = (0.25, 0.5, 1.0, 2.0)
+#: Client bytes held while the backend connection is being set up.
+EARLY_DATA_LIMIT = 256 * 1024
+#: Per-transport write buffer: above HIGH the peer stops reading, below LOW it resumes.
+WRITE_HIGH_WATER = 256 * 1024
+WRITE_LOW_WATER = 64 * 1024
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+Clock = Callable[[], float]
+
+
+def reset_transport(transport: asyncio.BaseTransport) -> None:
+    """Close with an RST instead of a FIN (SO_LINGER with a zero timeout)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except OSError:
+            pass
+    transport.abort()  # type: ignore[attr-defined]
+
+
+class _Side(asyncio.Protocol):
+    """What both sides of a relay share: EOF, loss and flow control towards the peer."""
+
+    __slots__ = ("closed", "eof", "peer", "transport")
+
+    transport: asyncio.Transport
+    peer: _Side | None
+
+    def __init__(self) -> None:
+        self.peer = None
+        self.eof = False
+        self.closed = False
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        peer = self.peer
+        if peer is None or peer.closed:
+            return True
+        if peer.eof:
+            # Both directions are finished: close both sockets (uvloop needs the full close).
+            self.transport.close()
+            peer.transport.close()
+        else:
+            peer.transport.write_eof()
+        return True
+
+    def pause_writing(self) -> None:
+        peer = self.peer
+        if peer is not None and not peer.closed:
+            peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        peer = self.peer
+        if peer is not None and not peer.closed:
+            peer.transport.resume_reading()
+
+    def _pass_on_loss(self, exc: Exception | None) -> None:
+        self.closed = True
+        peer = self.peer
+        if peer is None or peer.closed:
+            return
+        if exc is not None:
+            reset_transport(peer.transport)
+        else:
+            peer.transport.close()
+
+
+class BackendSide(_Side):
+    __slots__ = ("client", "counters")
+
+    def __init__(self, client: ClientSide, counters: EndpointCounters) -> None:
+        super().__init__()
+        self.client = client
+        self.counters = counters
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        if self.client.closed:
+            transport.abort()
+            self.closed = True
+            return
+        self.client.attach(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.client.transport.write(data)
+        self.counters.bytes_to_clients += len(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._pass_on_loss(exc)
+        self.client.finish()
+
+
+class ClientSide(_Side):
+    __slots__ = ("counters", "dial", "early", "early_size", "service")
+
+    def __init__(self, service: TcpProxy) -> None:
+        super().__init__()
+        self.service = service
+        self.counters: EndpointCounters | None = None
+        self.early: list[bytes] = []
+        self.early_size = 0
+        self.dial: asyncio.Task[None] | None = None
+
+    # ---------------------------------------------------------------- asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        self.service.connections.add(self)
+        self.dial = self.service.loop.create_task(self.service.connect(self))
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.peer
+        if peer is not None:
+            peer.transport.write(data)
+            self.counters.bytes_from_clients += len(data)  # type: ignore[union-attr]
+            return
+        self.early.append(data)
+        self.early_size += len(data)
+        if self.early_size >= EARLY_DATA_LIMIT:
+            self.transport.pause_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._pass_on_loss(exc)
+        if self.dial is not None and not self.dial.done():
+            self.dial.cancel()
+        self.finish()
+
+    # ---------------------------------------------------------------- relay lifecycle
+    def attach(self, backend: BackendSide) -> None:
+        """The backend connection is up: start relaying, starting with the early bytes."""
+        self.peer = backend
+        backend.peer = self
+        counters = self.counters = backend.counters
+        counters.active += 1
+        counters.total += 1
+        if self.early:
+            backend.transport.writelines(self.early)
+            counters.bytes_from_clients += self.early_size
+            self.early, self.early_size = [], 0
+            self.transport.resume_reading()
+        if self.eof:
+            backend.transport.write_eof()
+
+    def refuse(self) -> None:
+        """No endpoint could take the connection: reset it so the client sees a failure."""
+        if not self.closed:
+            reset_transport(self.transport)
+
+    def finish(self) -> None:
+        """Account for the relay once every socket of it is closed."""
+        peer = self.peer
+        if not self.closed or (peer is not None and not peer.closed):
+            return
+        if self in self.service.connections:
+            self.service.connections.discard(self)
+            if self.counters is not None:
+                self.counters.active -= 1
+
+    def abort(self) -> None:
+        """Tear the relay down now (service removed or proxy stopping): reset both sides."""
+        if self.dial is not None and not self.dial.done():
+            self.dial.cancel()
+        for side in (self, self.peer):
+            if side is not None and not side.closed:
+                reset_transport(side.transport)
+
+    @property
+    def client_ip(self) -> str:
+        peer = self.transport.get_extra_info("peername")
+        return str(peer[0]) if peer else ""
+
+
+class TcpProxy:
+    """The listener of one TCP service port and the relays it accepted."""
+
+    def __init__(
+        self,
+        *,
+        name: ServicePortName,
+        balancer: RoundRobinBalancer,
+        stats: PortStats,
+        connections: set[ClientSide],
+        clock: Clock,
+        dial_timeouts: tuple[float, ...] = DIAL_TIMEOUTS,
+    ) -> None:
+        self.name = name
+        self.balancer = balancer
+        self.stats = stats
+        self.connections = connections
+        self.clock = clock
+        self.dial_timeouts = dial_timeouts
+        self.loop = asyncio.get_running_loop()
+        self._server: asyncio.Server | None = None
+
+    async def listen(self, *, host: str, port: int, reuse_port: bool = False) -> int:
+        """Bind and start accepting; returns the bound port (the kernel's choice for port 0)."""
+        self._server = await self.loop.create_server(
+            lambda: ClientSide(self),
+            host=host,
+            port=port,
+            backlog=socket.SOMAXCONN,
+            reuse_address=True,
+            reuse_port=reuse_port or None,
+        )
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def connect(self, client: ClientSide) -> None:
+        client_ip = client.client_ip
+        for attempt, timeout in enumerate(self.dial_timeouts):
+            try:
+                endpoint = self.balancer.next_endpoint(
+                    self.name, client_ip, now=self.clock(), reset=attempt > 0
+                )
+            except BalancerError:
+                self.stats.rejected += 1
+                client.refuse()
+                return
+            counters = self.stats.endpoint(endpoint)
+            try:
+                async with asyncio.timeout(timeout):
+                    await self.loop.create_connection(
+                        lambda c=counters: BackendSide(client, c),  # type: ignore[misc]
+                        endpoint.ip,
+                        endpoint.port,
+                    )
+                return
+            except (OSError, TimeoutError) as err:
+                counters.dial_failures += 1
+                log.debug(
+                    "Dialling an endpoint failed; trying the next one.",
+                    service=str(self.name),
+                    endpoint=str(endpoint),
+                    attempt=attempt + 1,
+                    error=_describe(err),
+                )
+        log.warning(
+            "No endpoint accepted the connection; closing it.",
+            service=str(self.name),
+            attempts=len(self.dial_timeouts),
+        )
+        client.refuse()
+
+    def close_listener(self) -> None:
+        """Stop accepting; established relays keep running."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, TimeoutError):
+        return "timed out"
+    return err.strerror or type(err).__name__ if isinstance(err, OSError) else repr(err)
+
+
+def abort_all(connections: set[ClientSide]) -> None:
+    for conn in list(connections):
+        conn.abort()

@@ -1,0 +1,254 @@
+"""The UDP data path: one socket per service port, one flow per client address.
+
+A flow is a connected socket from the node to the endpoint its first datagram was given.
+Datagrams from the client go out on it; replies come back on it and leave through the
+*service* socket, so the kernel's NAT (REDIRECT/DNAT) maps their source back to the address
+the client sent to. A flow idles out after `--udp-timeout` without traffic in either
+direction; the next datagram then picks an endpoint afresh.
+
+Network facts this code depends on:
+- Datagrams are read with a 64 KiB buffer and checked for MSG_TRUNC, so anything up to the
+  IPv4 maximum of 65,507 bytes passes intact (the old proxy truncated at 4 KiB).
+- The reply's source address is pinned with IP_PKTINFO to the address the client's datagram
+  was received on (after NAT). Without it a wildcard-bound socket lets the route decide, and
+  for a client on the node talking to 127.0.0.1:nodePort the reply leaves from 127.0.0.1
+  while conntrack expects the node IP, so the client never sees it.
+- ICMP port-unreachable from a dead endpoint surfaces as ECONNREFUSED on the flow's
+  connected socket; the flow is then dropped so the next datagram can go elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import Callable
+
+import structlog
+
+from userproxy.balancer import BalancerError, RoundRobinBalancer
+from userproxy.model import Endpoint, ServicePortName
+from userproxy.proxy.stats import EndpointCounters, PortStats
+
+log = structlog.get_logger("userproxy.udp")
+
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+MAX_DATAGRAM = 65535
+_PKTINFO = struct.Struct("I4s4s")
+_ANCILLARY_SPACE = socket.CMSG_SPACE(_PKTINFO.size)
+#: Datagrams handled per readiness callback before yielding to other sockets.
+READ_BATCH = 64
+DIAL_ATTEMPTS = 4
+
+Address = tuple[str, int]
+Clock = Callable[[], float]
+
+
+class _Flow:
+    __slots__ = ("client", "counters", "endpoint", "last_active", "reply_cmsg", "sock", "timer")
+
+    def __init__(
+        self,
+        *,
+        client: Address,
+        sock: socket.socket,
+        endpoint: Endpoint,
+        counters: EndpointCounters,
+        reply_cmsg: list[tuple[int, int, bytes]],
+        now: float,
+    ) -> None:
+        self.client = client
+        self.sock = sock
+        self.endpoint = endpoint
+        self.counters = counters
+        self.reply_cmsg = reply_cmsg
+        self.last_active = now
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class UdpProxy:
+    def __init__(
+        self,
+        *,
+        name: ServicePortName,
+        balancer: RoundRobinBalancer,
+        stats: PortStats,
+        clock: Clock,
+        idle_timeout: float,
+    ) -> None:
+        if idle_timeout <= 0:
+            raise ValueError("the UDP idle timeout must be greater than zero")
+        self.name = name
+        self.balancer = balancer
+        self.stats = stats
+        self.clock = clock
+        self.idle_timeout = idle_timeout
+        self.loop = asyncio.get_running_loop()
+        self.flows: dict[Address, _Flow] = {}
+        self._sock: socket.socket | None = None
+        self._pktinfo = False
+
+    # ---------------------------------------------------------------- lifecycle
+    async def listen(self, *, host: str, port: int, reuse_port: bool = False) -> int:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            # Only a wildcard-bound socket can pick the wrong reply source (see module doc).
+            self._pktinfo = family == socket.AF_INET and host in ("0.0.0.0", "")
+            if self._pktinfo:
+                sock.setsockopt(socket.SOL_IP, IP_PKTINFO, 1)
+            sock.bind((host, port))
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self._sock = sock
+        self.loop.add_reader(sock.fileno(), self._on_datagrams)
+        return int(sock.getsockname()[1])
+
+    def close_listener(self) -> None:
+        """Close the service socket and every flow (their replies could not leave anyway)."""
+        for flow in list(self.flows.values()):
+            self._close_flow(flow)
+        if self._sock is not None:
+            self.loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+
+    # ---------------------------------------------------------------- client -> endpoint
+    def _on_datagrams(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        for _ in range(READ_BATCH):
+            try:
+                data, ancillary, flags, client = sock.recvmsg(MAX_DATAGRAM, _ANCILLARY_SPACE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:
+                log.debug("Reading from a UDP service socket failed.", service=str(self.name),
+                          error=str(err))
+                return
+            if flags & socket.MSG_TRUNC:
+                continue
+            flow = self.flows.get(client) or self._open_flow(client, ancillary)
+            if flow is not None:
+                self._forward(flow, data)
+
+    def _forward(self, flow: _Flow, data: bytes) -> None:
+        flow.last_active = self.loop.time()
+        try:
+            flow.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            return  # the socket buffer is full: drop, as the network would
+        except OSError:
+            # An earlier datagram drew ICMP unreachable: the endpoint is gone.
+            self._close_flow(flow)
+            return
+        flow.counters.bytes_from_clients += len(data)
+
+    def _open_flow(self, client: Address, ancillary: list[tuple[int, int, bytes]]) -> _Flow | None:
+        for attempt in range(DIAL_ATTEMPTS):
+            try:
+                endpoint = self.balancer.next_endpoint(
+                    self.name, client[0], now=self.clock(), reset=attempt > 0
+                )
+            except BalancerError:
+                self.stats.rejected += 1
+                return None
+            counters = self.stats.endpoint(endpoint)
+            try:
+                sock = _connected_socket(endpoint)
+            except OSError:
+                counters.dial_failures += 1
+                continue
+            return self._start_flow(client, sock, endpoint, counters, ancillary)
+        return None
+
+    def _start_flow(
+        self,
+        client: Address,
+        sock: socket.socket,
+        endpoint: Endpoint,
+        counters: EndpointCounters,
+        ancillary: list[tuple[int, int, bytes]],
+    ) -> _Flow:
+        flow = _Flow(
+            client=client,
+            sock=sock,
+            endpoint=endpoint,
+            counters=counters,
+            reply_cmsg=self._reply_cmsg(ancillary),
+            now=self.loop.time(),
+        )
+        self.flows[client] = flow
+        counters.active += 1
+        counters.total += 1
+        self.loop.add_reader(sock.fileno(), self._on_replies, flow)
+        flow.timer = self.loop.call_later(self.idle_timeout, self._check_idle, flow)
+        return flow
+
+    def _reply_cmsg(self, ancillary: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes]]:
+        if not self._pktinfo:
+            return []
+        for level, kind, data in ancillary:
+            if level == socket.SOL_IP and kind == IP_PKTINFO:
+                _, _, header_dst = _PKTINFO.unpack_from(data)
+                return [(socket.SOL_IP, IP_PKTINFO, _PKTINFO.pack(0, header_dst, bytes(4)))]
+        return []
+
+    # ---------------------------------------------------------------- endpoint -> client
+    def _on_replies(self, flow: _Flow) -> None:
+        service_sock = self._sock
+        for _ in range(READ_BATCH):
+            try:
+                data = flow.sock.recv(MAX_DATAGRAM)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._close_flow(flow)
+                return
+            flow.last_active = self.loop.time()
+            if service_sock is None:
+                return
+            try:
+                service_sock.sendmsg([data], flow.reply_cmsg, 0, flow.client)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError as err:
+                log.debug("A UDP reply could not be sent.", service=str(self.name), error=str(err))
+                continue
+            flow.counters.bytes_to_clients += len(data)
+
+    # ---------------------------------------------------------------- idle expiry
+    def _check_idle(self, flow: _Flow) -> None:
+        idle = self.loop.time() - flow.last_active
+        if idle >= self.idle_timeout:
+            self._close_flow(flow)
+        else:
+            flow.timer = self.loop.call_later(self.idle_timeout - idle, self._check_idle, flow)
+
+    def _close_flow(self, flow: _Flow) -> None:
+        if self.flows.get(flow.client) is not flow:
+            return
+        del self.flows[flow.client]
+        if flow.timer is not None:
+            flow.timer.cancel()
+        self.loop.remove_reader(flow.sock.fileno())
+        flow.sock.close()
+        flow.counters.active -= 1
+
+
+def _connected_socket(endpoint: Endpoint) -> socket.socket:
+    family = socket.AF_INET6 if ":" in endpoint.ip else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        sock.connect((endpoint.ip, endpoint.port))
+    except OSError:
+        sock.close()
+        raise
+    return sock

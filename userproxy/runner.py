@@ -1,0 +1,77 @@
+"""A bounded-frequency runner: runs a sync when asked, but not more often than `min_interval`
+and at least every `max_interval` (kube-proxy's BoundedFrequencyRunner, on asyncio).
+
+It also keeps the timestamps the health and metrics endpoints report: when an update was first
+queued and not yet applied, and when the last sync succeeded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+log = structlog.get_logger("userproxy.runner")
+
+
+class SyncRunner:
+    def __init__(
+        self,
+        sync: Callable[[], Awaitable[None]],
+        *,
+        min_interval: float,
+        max_interval: float,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._sync = sync
+        self.min_interval = min_interval
+        self.max_interval = max_interval
+        self._wall = wall_clock
+        self._wanted = asyncio.Event()
+        self._last_start = float("-inf")
+        #: Wall time of the oldest request not yet covered by a completed sync.
+        self.queued_at: float | None = None
+        #: Wall time the last sync completed successfully.
+        self.synced_at: float | None = None
+        self.sync_count = 0
+        self.on_synced: Callable[[float], None] = lambda duration: None
+
+    def request(self) -> None:
+        if self.queued_at is None:
+            self.queued_at = self._wall()
+        self._wanted.set()
+
+    async def run_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            wait = self._last_start + self.max_interval - loop.time()
+            if wait > 0:
+                try:
+                    await asyncio.wait_for(self._wanted.wait(), wait)
+                except TimeoutError:
+                    pass
+            gap = self._last_start + self.min_interval - loop.time()
+            if gap > 0:
+                await asyncio.sleep(gap)
+            await self.run_once()
+
+    async def run_once(self) -> None:
+        """Sync now (used for the first sync and by embedders who want changes applied)."""
+        loop = asyncio.get_running_loop()
+        self._last_start = loop.time()
+        self._wanted.clear()
+        covered = self.queued_at
+        self.queued_at = None
+        try:
+            await self._sync()
+        except Exception:
+            # Keep the request queued (health turns unhealthy if this persists) and retry.
+            self.queued_at = covered if covered is not None else self._wall()
+            self._wanted.set()
+            log.exception("Sync failed; it will be retried.")
+            return
+        self.synced_at = self._wall()
+        self.sync_count += 1
+        self.on_synced(loop.time() - self._last_start)

@@ -1,0 +1,121 @@
+"""Routes Kubernetes objects from any source (files, the API, Python code) to the proxier.
+
+It converts each object, reports the ones that cannot be served (one clear log line naming the
+object and the reason, and a counter) and remembers what each object contributed, so that a
+deletion, or a full replacement of the object set, removes exactly that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from userproxy import convert
+from userproxy.changes import ServiceKey
+from userproxy.proxier import Proxier
+
+log = structlog.get_logger("userproxy.objects")
+
+ObjectKey = tuple[str, str, str]  # kind, namespace, name
+KINDS = ("Service", "EndpointSlice", "Endpoints")
+
+
+def object_key(obj: Mapping[str, Any]) -> ObjectKey:
+    md = obj.get("metadata") or {}
+    return (str(obj.get("kind")), str(md.get("namespace") or "default"), str(md.get("name")))
+
+
+@dataclass(frozen=True)
+class _Routed:
+    service: ServiceKey
+    source: str
+
+
+class ObjectRouter:
+    def __init__(self, proxier: Proxier, *, proxy_name: str | None = None) -> None:
+        self.proxier = proxier
+        #: `--service-proxy-name`: serve only Services carrying this proxy-name label value
+        #: (None: serve the Services that carry no such label, like kube-proxy).
+        self.proxy_name = proxy_name
+        self._routed: dict[ObjectKey, _Routed] = {}
+        self.rejected = 0
+
+    def upsert(self, obj: Mapping[str, Any], *, origin: str = "") -> bool:
+        """Add or replace one object. Returns False (after logging why) if it was refused."""
+        key = object_key(obj)
+        try:
+            self._upsert(key, obj)
+        except convert.InvalidObject as err:
+            self.rejected += 1
+            log.error("Refused an object that cannot be served.", origin=origin or None,
+                      reason=str(err))
+            self.delete(key)
+            return False
+        return True
+
+    def _upsert(self, key: ObjectKey, obj: Mapping[str, Any]) -> None:
+        kind = key[0]
+        if kind == "Service":
+            self._service(key, obj)
+        elif kind == "EndpointSlice":
+            self._endpoints(key, convert.endpoint_slice(obj))
+        elif kind == "Endpoints":
+            self._endpoints(key, convert.endpoints_object(obj))
+        else:
+            raise convert.InvalidObject(f"{convert.describe(obj)}: kind {kind!r} is not proxied")
+
+    def _service(self, key: ObjectKey, obj: Mapping[str, Any]) -> None:
+        service = (key[1], key[2])
+        labels = (obj.get("metadata") or {}).get("labels") or {}
+        if labels.get(convert.SERVICE_PROXY_NAME_LABEL) != self.proxy_name:
+            self._routed[key] = _Routed(service, "")
+            self.proxier.on_service(service, None)
+            log.debug("Skipping a Service that belongs to another proxy.", service=key[1:])
+            return
+        result = convert.service_ports(obj)
+        for problem in result.problems:
+            self.rejected += 1
+            log.error("Refused a service port.", service=f"{key[1]}/{key[2]}", reason=problem)
+        if result.skipped:
+            log.debug("Not proxying a Service.", service=f"{key[1]}/{key[2]}",
+                      reason=result.skipped)
+        self._routed[key] = _Routed(service, "")
+        self.proxier.on_service(service, result.ports or None)
+
+    def _endpoints(self, key: ObjectKey, result: convert.EndpointsResult) -> None:
+        before = self._routed.get(key)
+        if before is not None and before.service != result.service:
+            self.proxier.on_endpoints_deleted(before.service, before.source)
+        if result.skipped:
+            self._routed.pop(key, None)
+            if before is not None and before.service == result.service:
+                self.proxier.on_endpoints_deleted(before.service, before.source)
+            return
+        self._routed[key] = _Routed(result.service, result.source)
+        self.proxier.on_endpoints(result)
+
+    def delete(self, key: ObjectKey) -> None:
+        routed = self._routed.pop(key, None)
+        if routed is None:
+            return
+        if key[0] == "Service":
+            self.proxier.on_service(routed.service, None)
+        else:
+            self.proxier.on_endpoints_deleted(routed.service, routed.source)
+
+    def replace_all(self, objects: Iterable[tuple[Mapping[str, Any], str]]) -> None:
+        """Make the routed set equal `objects` ((object, origin) pairs): the resync path."""
+        wanted: dict[ObjectKey, tuple[Mapping[str, Any], str]] = {}
+        for obj, origin in objects:
+            wanted[object_key(obj)] = (obj, origin)
+        for key in set(self._routed) - set(wanted):
+            self.delete(key)
+        for obj, origin in wanted.values():
+            self.upsert(obj, origin=origin)
+
+    @property
+    def keys(self) -> set[ObjectKey]:
+        return set(self._routed)
