@@ -8,6 +8,7 @@ queued and not yet applied, and when the last sync succeeded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 
@@ -48,10 +49,10 @@ class SyncRunner:
         while True:
             wait = self._last_start + self.max_interval - loop.time()
             if wait > 0:
-                try:
-                    await asyncio.wait_for(self._wanted.wait(), wait)
-                except TimeoutError:
-                    pass
+                # Not wait_for: on 3.11 it can swallow a cancellation racing with the event.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._wanted.wait()
             gap = self._last_start + self.min_interval - loop.time()
             if gap > 0:
                 await asyncio.sleep(gap)

@@ -1,0 +1,147 @@
+"""Kubernetes objects -> model: what is served, what is skipped, what is refused and why."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from userproxy import convert
+from userproxy.model import (
+    Affinity,
+    Endpoint,
+    EndpointInfo,
+    Protocol,
+    ServicePortName,
+    usable_endpoints,
+)
+from userproxy.objects import endpoint_slice, service
+
+
+def test_service_port_names() -> None:
+    assert str(ServicePortName("ns", "web", "http")) == "ns/web:http"
+    assert str(ServicePortName("ns", "web")) == "ns/web"
+
+
+def test_full_service() -> None:
+    obj = service(
+        "web",
+        namespace="shop",
+        cluster_ip="10.96.0.10",
+        ports=[{"name": "http", "port": 80, "nodePort": 30080}, ("dns", 53, "UDP")],
+        external_ips=["192.168.1.5"],
+        load_balancer_ips=["203.0.113.7"],
+        session_affinity=True,
+        affinity_timeout=60,
+    )
+    obj["status"]["loadBalancer"]["ingress"].append({"hostname": "lb.example.com"})
+    result = convert.service_ports(obj)
+    assert result.skipped is None and result.problems == ()
+    http, dns = result.ports
+    assert http.name == ServicePortName("shop", "web", "http", Protocol.TCP)
+    assert (http.cluster_ip, http.port, http.node_port) == ("10.96.0.10", 80, 30080)
+    assert http.external_ips == ("192.168.1.5",)
+    assert http.load_balancer_ips == ("203.0.113.7",)
+    assert http.affinity == Affinity(client_ip=True, timeout_s=60)
+    assert dns.protocol is Protocol.UDP and dns.node_port == 0
+
+
+def test_default_affinity_timeout_is_three_hours() -> None:
+    obj = service("web", cluster_ip="10.96.0.10", ports=[("", 80)], session_affinity=True)
+    (port,) = convert.service_ports(obj).ports
+    assert port.affinity.timeout_s == 10800
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"clusterIP": "None"}, "headless"),
+        ({"clusterIP": ""}, "no ClusterIP"),
+        ({"type": "ExternalName", "externalName": "example.com"}, "ExternalName"),
+    ],
+)
+def test_skipped_services(change: dict[str, Any], reason: str) -> None:
+    obj = service("web", cluster_ip="10.96.0.10", ports=[("", 80)])
+    obj["spec"].update(change)
+    result = convert.service_ports(obj)
+    assert result.ports == () and reason in (result.skipped or "")
+
+
+def test_sctp_port_is_refused_and_the_others_served() -> None:
+    obj = service("web", cluster_ip="10.96.0.10", ports=[("a", 80), ("b", 9000, "SCTP")])
+    result = convert.service_ports(obj)
+    assert [p.name.port for p in result.ports] == ["a"]
+    assert result.problems == ("port 'b': SCTP is not supported by the userspace proxy",)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda o: o["spec"].update(clusterIP="10.96.0.999"), "clusterIP '10.96.0.999' is not an IP"),
+        (lambda o: o["spec"]["ports"][0].update(port=70000), "port 70000 is not a port number"),
+        (lambda o: o["spec"]["ports"][0].update(nodePort="x"), "nodePort 'x'"),
+        (lambda o: o["metadata"].pop("name"), "metadata.name is missing"),
+        (lambda o: o.pop("spec"), "spec is missing"),
+        (lambda o: o["spec"].update(ports="80"), "spec.ports is not a list"),
+    ],
+)
+def test_invalid_services_name_the_object_and_reason(mutate: Any, message: str) -> None:
+    obj = service("web", namespace="shop", cluster_ip="10.96.0.10", ports=[("http", 80)])
+    mutate(obj)
+    with pytest.raises(convert.InvalidObject, match=message) as info:
+        convert.service_ports(obj)
+    assert str(info.value).startswith("Service shop/")
+
+
+def test_endpoint_slice_groups_by_port_and_keeps_conditions() -> None:
+    obj = endpoint_slice("web", addresses=["10.244.0.2", "10.244.0.3"],
+                         ports=[("http", 8080), ("dns", 5353, "UDP")], node_name="node-a")
+    obj["endpoints"][1]["conditions"] = {"ready": False, "serving": True, "terminating": True}
+    result = convert.endpoint_slice(obj)
+    assert result.service == ("default", "web") and result.source == "web-slice"
+    http = result.ports[("http", Protocol.TCP)]
+    assert http[0] == EndpointInfo(Endpoint("10.244.0.2", 8080), node_name="node-a")
+    assert http[1].ready is False and http[1].terminating is True
+    assert ("dns", Protocol.UDP) in result.ports
+
+
+def test_slice_without_service_label_or_with_fqdn_is_skipped() -> None:
+    obj = endpoint_slice("web", addresses=["10.0.0.1"], ports=[("", 80)])
+    obj["metadata"]["labels"] = {}
+    assert convert.endpoint_slice(obj).skipped
+    obj = endpoint_slice("web", addresses=["10.0.0.1"], ports=[("", 80)])
+    obj["addressType"] = "FQDN"
+    assert convert.endpoint_slice(obj).skipped
+
+
+def test_core_endpoints_object() -> None:
+    obj = {
+        "kind": "Endpoints",
+        "metadata": {"name": "web", "namespace": "default"},
+        "subsets": [
+            {"addresses": [{"ip": "10.0.0.1"}, {"ip": "10.0.0.2"}],
+             "notReadyAddresses": [{"ip": "10.0.0.9"}],
+             "ports": [{"name": "p", "port": 1}, {"name": "q", "port": 2}]},
+            {"addresses": [{"ip": "10.0.0.3"}], "ports": [{"name": "p", "port": 3}]},
+        ],
+    }
+    result = convert.endpoints_object(obj)
+    p = ServicePortName("default", "web", "p")
+    assert usable_endpoints(list(result.ports[("p", Protocol.TCP)])) == [
+        Endpoint("10.0.0.1", 1), Endpoint("10.0.0.2", 1), Endpoint("10.0.0.3", 3)]
+    assert len(result.ports[("q", Protocol.TCP)]) == 3  # two ready + one not ready
+    assert str(p) == "default/web:p"
+
+
+def test_usable_endpoints_prefer_ready_then_terminating() -> None:
+    a, b, c = Endpoint("10.0.0.1", 80), Endpoint("10.0.0.2", 80), Endpoint("10.0.0.3", 80)
+    infos = [
+        EndpointInfo(a, ready=True, node_name="n1"),
+        EndpointInfo(b, ready=False, serving=True, terminating=True, node_name="n2"),
+        EndpointInfo(c, ready=False, serving=False, terminating=True),
+    ]
+    assert usable_endpoints(infos) == [a]
+    assert usable_endpoints(infos[1:]) == [b]
+    assert usable_endpoints(infos[2:]) == []
+    assert usable_endpoints(infos, local_node="n2") == [b]
+    assert usable_endpoints(infos, local_node="n3") == []
