@@ -8,6 +8,7 @@ import resource
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 LOCAL = "127.0.0.1"
 
@@ -40,36 +41,49 @@ class TcpBackend:
     server: asyncio.Server | None = None
     connections: int = 0
     writers: list[asyncio.StreamWriter] = field(default_factory=list)
+    handlers: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
     def port(self) -> int:
         assert self.server is not None
         return int(self.server.sockets[0].getsockname()[1])
 
-    async def start(self, handler: Callable[..., object] | None = None) -> TcpBackend:
-        self.server = await asyncio.start_server(handler or self._name_then_echo, LOCAL, 0)
+    async def start(self, handler: Callable[..., Any] | None = None) -> TcpBackend:
+        serve = handler or self._name_then_echo
+
+        async def tracked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self.handlers.add(task)
+            self.writers.append(writer)
+            try:
+                await serve(reader, writer)
+            except (OSError, RuntimeError, asyncio.IncompleteReadError):
+                pass  # the peer went away mid-test; the test asserts what it needs
+            finally:
+                writer.close()
+                self.handlers.discard(task)
+
+        self.server = await asyncio.start_server(tracked, LOCAL, 0)
         return self
 
     async def _name_then_echo(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
-        self.writers.append(writer)
-        try:
-            writer.write(self.name.encode() + b"\n")
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-            writer.write_eof()
+        writer.write(self.name.encode() + b"\n")
+        while data := await reader.read(65536):
+            writer.write(data)
             await writer.drain()
-        except OSError:
-            pass
-        finally:
-            writer.close()
+        writer.write_eof()
+        await writer.drain()
 
     async def stop(self) -> None:
         if self.server is not None:
             self.server.close()
             for w in self.writers:
                 w.close()
+            for task in list(self.handlers):
+                task.cancel()
+            await asyncio.gather(*self.handlers, return_exceptions=True)
             await self.server.wait_closed()
 
 

@@ -8,7 +8,7 @@ import socket
 
 import pytest
 
-from tests.dataplane.conftest import loopback_settings
+from tests.conftest import loopback_settings
 from tests.helpers import LOCAL, TcpBackend, open_fds, tcp_name, udp_ask, wait_for
 from userproxy import UnknownServicePort, UserProxy
 from userproxy.objects import endpoint_slice, service

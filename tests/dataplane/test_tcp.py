@@ -1,0 +1,202 @@
+"""The TCP relay's network behaviour: half-close, resets, backpressure, failover, scale."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import struct
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.helpers import LOCAL, TcpBackend, wait_for
+from userproxy import UserProxy
+from userproxy.objects import endpoint_slice, service
+
+NAME = "default/web:p"
+
+
+async def serve(proxy: UserProxy, *ports: int) -> int:
+    await proxy.apply(
+        service("web", cluster_ip="10.96.0.10", ports=[("p", 80)]),
+        *(endpoint_slice("web", name=f"web-{p}", addresses=[LOCAL], ports=[("p", p)])
+          for p in ports),
+    )
+    return proxy.proxy_port(NAME)
+
+
+async def test_half_close_client_still_receives_the_full_response(proxy: UserProxy) -> None:
+    response = os.urandom(3 * 1024 * 1024)
+
+    async def read_all_then_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await reader.read()  # until the client's FIN arrives
+        writer.write(len(request).to_bytes(8, "big") + response)
+        await writer.drain()
+        writer.close()
+
+    backend = await TcpBackend("b").start(read_all_then_answer)
+    port = await serve(proxy, backend.port)
+    reader, writer = await asyncio.open_connection(LOCAL, port)
+    writer.write(b"q" * 100_000)
+    writer.write_eof()  # FIN: the backend sees end of request while its answer still flows
+    got = await asyncio.wait_for(reader.read(), 10)
+    assert int.from_bytes(got[:8], "big") == 100_000 and got[8:] == response
+    writer.close()
+    await backend.stop()
+
+
+async def test_backend_half_close_keeps_client_to_backend_flowing(proxy: UserProxy) -> None:
+    received = asyncio.get_running_loop().create_future()
+
+    async def hello_then_listen(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"greeting")
+        writer.write_eof()  # the backend is done talking but keeps listening
+        received.set_result(await reader.read())
+        writer.close()
+
+    backend = await TcpBackend("b").start(hello_then_listen)
+    port = await serve(proxy, backend.port)
+    reader, writer = await asyncio.open_connection(LOCAL, port)
+    assert await asyncio.wait_for(reader.read(), 5) == b"greeting"  # EOF seen by the client
+    writer.write(b"late data after the backend's FIN")
+    writer.write_eof()
+    assert await asyncio.wait_for(received, 5) == b"late data after the backend's FIN"
+    writer.close()
+    await backend.stop()
+    await wait_for(lambda: proxy.counters(NAME).active == 0, what="relay closed")
+
+
+def _rst(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+async def test_backend_reset_reaches_the_client_as_a_reset(proxy: UserProxy) -> None:
+    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(1)
+        _rst(writer)
+
+    backend = await TcpBackend("b").start(reset)
+    port = await serve(proxy, backend.port)
+    reader, writer = await asyncio.open_connection(LOCAL, port)
+    writer.write(b"x")
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    await backend.stop()
+
+
+async def test_client_reset_reaches_the_backend_as_a_reset(proxy: UserProxy) -> None:
+    outcome = asyncio.get_running_loop().create_future()
+
+    async def wait_for_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.read()
+            outcome.set_result("eof")
+        except ConnectionResetError:
+            outcome.set_result("reset")
+        writer.close()
+
+    backend = await TcpBackend("b").start(wait_for_client)
+    port = await serve(proxy, backend.port)
+    reader, writer = await asyncio.open_connection(LOCAL, port)
+    writer.write(b"x")
+    await wait_for(lambda: proxy.counters(NAME).active == 1, what="relay up")
+    _rst(writer)
+    assert await asyncio.wait_for(outcome, 5) == "reset"
+    await backend.stop()
+
+
+async def test_no_endpoints_closes_the_connection_at_once(proxy: UserProxy) -> None:
+    await proxy.apply(service("web", cluster_ip="10.96.0.10", ports=[("p", 80)]))
+    reader, writer = await asyncio.open_connection(LOCAL, proxy.proxy_port(NAME))
+    started = time.monotonic()
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(reader.read(), 2)
+    assert time.monotonic() - started < 0.5
+    writer.close()
+    await wait_for(lambda: proxy.service_ports()[0].has_endpoints is False)
+
+
+@pytest.fixture
+def blackhole() -> Iterator[int]:
+    """A port whose accept queue is full, so further SYNs are dropped and dials time out."""
+    hole = socket.socket()
+    hole.bind((LOCAL, 0))
+    hole.listen(0)
+    fillers = [socket.socket() for _ in range(4)]
+    for s in fillers:
+        s.setblocking(False)
+        s.connect_ex(hole.getsockname())
+    yield hole.getsockname()[1]
+    for s in [*fillers, hole]:
+        s.close()
+
+
+async def test_dial_failover_costs_at_most_one_failed_attempt(
+    proxy: UserProxy, backends: list[TcpBackend], blackhole: int
+) -> None:
+    dead = blackhole
+    port = await serve(proxy, dead, backends[0].port, backends[1].port)
+    timings = []
+    for _ in range(9):
+        started = time.monotonic()
+        reader, writer = await asyncio.open_connection(LOCAL, port)
+        assert (await asyncio.wait_for(reader.readline(), 5)).strip() in (b"pod1", b"pod2")
+        timings.append(time.monotonic() - started)
+        writer.close()
+    failures = proxy.endpoint_counters(NAME)[f"{LOCAL}:{dead}"].dial_failures
+    # A failed pick uses up a round-robin turn too: 9 good picks plus one dead pick per
+    # three picks in all.
+    assert 4 <= failures <= 5
+    # No connection lost more than the first 0.25 s attempt (a second would add 0.5 s).
+    assert max(timings) < 0.25 + 0.2
+    assert sorted(timings)[3] < 0.1  # the others were not delayed at all
+
+
+async def test_accepting_never_waits_for_a_slow_dial(
+    proxy: UserProxy, backends: list[TcpBackend], blackhole: int
+) -> None:
+    port = await serve(proxy, blackhole)
+    stuck = [await asyncio.open_connection(LOCAL, port) for _ in range(5)]  # all dialling
+    # The endpoint set changes while they dial.
+    await proxy.delete("EndpointSlice", f"web-{blackhole}")
+    await serve(proxy, backends[0].port)
+    started = time.monotonic()
+    reader, writer = await asyncio.open_connection(LOCAL, port)
+    assert await asyncio.wait_for(reader.readline(), 1) == b"pod1\n"
+    assert time.monotonic() - started < 0.2
+    writer.close()
+    for _, w in stuck:
+        w.close()
+        with contextlib.suppress(OSError):
+            await w.wait_closed()
+
+
+async def test_a_thousand_concurrent_connections_with_every_byte_checked(
+    proxy: UserProxy, backends: list[TcpBackend]
+) -> None:
+    port = await serve(proxy, *(b.port for b in backends))
+
+    async def one(i: int) -> None:
+        payload = os.urandom(8192 + i)
+        reader, writer = await asyncio.open_connection(LOCAL, port)
+        name = await reader.readline()
+        writer.write(payload)
+        writer.write_eof()
+        echoed = await reader.read()
+        writer.close()
+        assert name.startswith(b"pod") and echoed == payload
+
+    opened = [one(i) for i in range(1000)]
+    await asyncio.wait_for(asyncio.gather(*opened), 60)
+    totals = proxy.counters(NAME)
+    assert totals.total == 1000
+    expected = sum(8192 + i for i in range(1000))
+    assert totals.bytes_from_clients == expected
+    assert totals.bytes_to_clients == expected + 5 * 1000
+    await wait_for(lambda: proxy.counters(NAME).active == 0, what="all relays closed")
