@@ -1,4 +1,5 @@
-"""Every async test and fixture runs on uvloop, as the CLI does (USERPROXY_LOOP=asyncio to compare)."""
+"""Shared fixtures. Every async test runs on uvloop, as the CLI does (USERPROXY_LOOP=asyncio
+to compare with the stock loop)."""
 
 from __future__ import annotations
 
@@ -27,10 +28,12 @@ def pytest_configure(config: Any) -> None:
     raise_fd_limit()
 
 
-
 def loopback_settings(**overrides: object) -> ProxySettings:
-    values: dict[str, object] = {"bind_address": "127.0.0.1", "allow_loopback_bind": True,
-                                 "min_sync_period": 0.0}
+    values: dict[str, object] = {
+        "bind_address": "127.0.0.1",
+        "allow_loopback_bind": True,
+        "min_sync_period": 0.0,
+    }
     values.update(overrides)
     return ProxySettings(**values)  # type: ignore[arg-type]
 

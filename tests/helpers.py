@@ -67,7 +67,9 @@ class TcpBackend:
         self.server = await asyncio.start_server(tracked, LOCAL, 0)
         return self
 
-    async def _name_then_echo(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _name_then_echo(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         self.connections += 1
         writer.write(self.name.encode() + b"\n")
         while data := await reader.read(65536):
@@ -104,7 +106,9 @@ class UdpEcho(asyncio.DatagramProtocol):
 
 async def udp_echo(prefix: bytes = b"") -> tuple[asyncio.DatagramTransport, int]:
     loop = asyncio.get_running_loop()
-    transport, _ = await loop.create_datagram_endpoint(lambda: UdpEcho(prefix), local_addr=(LOCAL, 0))
+    transport, _ = await loop.create_datagram_endpoint(
+        lambda: UdpEcho(prefix), local_addr=(LOCAL, 0)
+    )
     return transport, int(transport.get_extra_info("sockname")[1])
 
 

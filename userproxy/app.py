@@ -21,7 +21,7 @@ import structlog
 import yaml
 
 from userproxy.model import ServicePortName
-from userproxy.proxier import ActivePort, Portals, Proxier, PortRuntime
+from userproxy.proxier import ActivePort, Portals, PortRuntime, Proxier
 from userproxy.proxy.stats import CountersSnapshot
 from userproxy.runner import SyncRunner
 from userproxy.settings import ProxySettings
@@ -94,8 +94,9 @@ class UserProxy:
 
     async def delete(self, kind: str, name: str, *, namespace: str = "default") -> None:
         """Remove an object applied earlier (kind: Service, EndpointSlice or Endpoints)."""
-        self.router.delete(object_key({"kind": kind, "metadata": {"name": name,
-                                                                   "namespace": namespace}}))
+        self.router.delete(
+            object_key({"kind": kind, "metadata": {"name": name, "namespace": namespace}})
+        )
         await self.runner.run_once()
 
     # ------------------------------------------------------------------ reading state

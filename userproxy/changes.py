@@ -11,7 +11,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from userproxy.convert import EndpointsResult, PortEndpoints
-from userproxy.model import Endpoint, EndpointInfo, Protocol, ServicePort, ServicePortName, usable_endpoints
+from userproxy.model import (
+    Endpoint,
+    EndpointInfo,
+    Protocol,
+    ServicePort,
+    ServicePortName,
+    usable_endpoints,
+)
 
 ServiceKey = tuple[str, str]
 Ports = tuple[ServicePort, ...]

@@ -23,10 +23,12 @@ from userproxy.settings import ProxySettings, SettingsError, default_node_name
 log = structlog.get_logger("userproxy.cli")
 
 
-class Duration(click.ParamType):
+class Duration(click.ParamType[float]):
     name = "duration"
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
         if isinstance(value, float | int):
             return float(value)
         try:
@@ -58,11 +60,20 @@ def run_async(main: Coroutine[Any, Any, int]) -> int:
 
 
 def common_logging(f: Callable[..., Any]) -> Callable[..., Any]:
-    f = click.option("-v", "--verbose", "verbosity", count=True,
-                     help="More detail: -v info, -vv debug (klog-style levels).")(f)
-    f = click.option("--log-format", type=click.Choice(["auto", "console", "json"]),
-                     default="auto", show_default=True,
-                     help="auto: console on a terminal, JSON otherwise.")(f)
+    f = click.option(
+        "-v",
+        "--verbose",
+        "verbosity",
+        count=True,
+        help="More detail: -v info, -vv debug (klog-style levels).",
+    )(f)
+    f = click.option(
+        "--log-format",
+        type=click.Choice(["auto", "console", "json"]),
+        default="auto",
+        show_default=True,
+        help="auto: console on a terminal, JSON otherwise.",
+    )(f)
     return f
 
 
@@ -73,22 +84,51 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--manifests", type=click.Path(path_type=Path),
-              help="A file or directory of Service / EndpointSlice / Endpoints YAML to serve.")
-@click.option("--bind-address", default="0.0.0.0", show_default=True,
-              help="The address the proxy ports listen on (loopback is refused).")
-@click.option("--proxy-port-range", default="",
-              help="Proxy ports: begin-end, a single port or begin+offset; empty = kernel-chosen.")
-@click.option("--udp-timeout", type=DURATION, default="250ms", show_default=True,
-              help="Idle time after which a UDP flow ends (must be > 0).")
-@click.option("--iptables-sync-period", type=DURATION, default="30s", show_default=True,
-              help="The longest time between two syncs.")
-@click.option("--iptables-min-sync-period", type=DURATION, default="1s", show_default=True,
-              help="The shortest time between two syncs.")
-@click.option("--hostname-override", default="",
-              help="This node's name (for internalTrafficPolicy: Local).")
-@click.option("--service-proxy-name", default=None,
-              help="Serve only Services labelled service.kubernetes.io/service-proxy-name=NAME.")
+@click.option(
+    "--manifests",
+    type=click.Path(path_type=Path),
+    help="A file or directory of Service / EndpointSlice / Endpoints YAML to serve.",
+)
+@click.option(
+    "--bind-address",
+    default="0.0.0.0",
+    show_default=True,
+    help="The address the proxy ports listen on (loopback is refused).",
+)
+@click.option(
+    "--proxy-port-range",
+    default="",
+    help="Proxy ports: begin-end, a single port or begin+offset; empty = kernel-chosen.",
+)
+@click.option(
+    "--udp-timeout",
+    type=DURATION,
+    default="250ms",
+    show_default=True,
+    help="Idle time after which a UDP flow ends (must be > 0).",
+)
+@click.option(
+    "--iptables-sync-period",
+    type=DURATION,
+    default="30s",
+    show_default=True,
+    help="The longest time between two syncs.",
+)
+@click.option(
+    "--iptables-min-sync-period",
+    type=DURATION,
+    default="1s",
+    show_default=True,
+    help="The shortest time between two syncs.",
+)
+@click.option(
+    "--hostname-override", default="", help="This node's name (for internalTrafficPolicy: Local)."
+)
+@click.option(
+    "--service-proxy-name",
+    default=None,
+    help="Serve only Services labelled service.kubernetes.io/service-proxy-name=NAME.",
+)
 @common_logging
 def run(**options: Any) -> None:
     """Run the proxy."""
@@ -101,8 +141,13 @@ def run(**options: Any) -> None:
         raise click.UsageError("give --manifests PATH (a file or directory of Kubernetes YAML)")
     from userproxy.main import serve_manifests
 
-    sys.exit(run_async(serve_manifests(settings, options["manifests"],
-                                       proxy_name=options["service_proxy_name"])))
+    sys.exit(
+        run_async(
+            serve_manifests(
+                settings, options["manifests"], proxy_name=options["service_proxy_name"]
+            )
+        )
+    )
 
 
 def settings_from_options(options: dict[str, Any]) -> ProxySettings:

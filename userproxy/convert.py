@@ -209,8 +209,7 @@ def _group_by_port(ports: Any, infos: list[tuple[str, Obj, str | None]]) -> Port
             continue
         number = _port_number(port["port"], what="endpoint port")
         grouped[(str(port.get("name") or ""), protocol)] = tuple(
-            EndpointInfo(Endpoint(ip, number), node_name=node, **state)  # type: ignore[arg-type]
-            for ip, state, node in infos
+            EndpointInfo(Endpoint(ip, number), node_name=node, **state) for ip, state, node in infos
         )
     return grouped
 
@@ -250,5 +249,7 @@ def _subset_ports(subset: Obj) -> list[tuple[tuple[str, Protocol], int]]:
         protocol = _protocol(port.get("protocol"))
         if not isinstance(protocol, Protocol):
             continue
-        out.append(((str(port.get("name") or ""), protocol), _port_number(port["port"], what="port")))
+        out.append(
+            ((str(port.get("name") or ""), protocol), _port_number(port["port"], what="port"))
+        )
     return out

@@ -36,8 +36,9 @@ def _manifest(ports: list[int]) -> list[dict[str, object]]:
     return [
         service("hello", cluster_ip="10.96.0.10", ports=[("http", 80)]),
         *(
-            endpoint_slice("hello", name=f"hello-{i + 1}", addresses=["127.0.0.1"],
-                           ports=[("http", port)])
+            endpoint_slice(
+                "hello", name=f"hello-{i + 1}", addresses=["127.0.0.1"], ports=[("http", port)]
+            )
             for i, port in enumerate(ports)
         ),
     ]
@@ -75,8 +76,9 @@ async def run_demo(*, connections: int = 9, say: Callable[[str], None] = print) 
     names = ["backend-1", "backend-2", "backend-3"]
     backends = [await _backend(n) for n in names]
     ports = [int(b.sockets[0].getsockname()[1]) for b in backends]
-    settings = ProxySettings(bind_address="127.0.0.1", allow_loopback_bind=True,
-                             min_sync_period=0.1)
+    settings = ProxySettings(
+        bind_address="127.0.0.1", allow_loopback_bind=True, min_sync_period=0.1
+    )
     try:
         with tempfile.TemporaryDirectory(prefix="userproxy-demo-") as tmp:
             manifest = Path(tmp) / "hello.yaml"
@@ -84,8 +86,9 @@ async def run_demo(*, connections: int = 9, say: Callable[[str], None] = print) 
             say(f"Backends {', '.join(names)} listen on 127.0.0.1:{ports}.")
             say(f"Manifest: Service {SERVICE} (ClusterIP 10.96.0.10:80) with 3 EndpointSlices.")
             async with UserProxy(settings) as proxy:
-                source = ManifestSource(Path(tmp), proxy.router, poll_interval=0.1,
-                                        on_change=proxy.runner.request)
+                source = ManifestSource(
+                    Path(tmp), proxy.router, poll_interval=0.1, on_change=proxy.runner.request
+                )
                 source.load()
                 await proxy.runner.run_once()
                 watcher = asyncio.get_running_loop().create_task(source.watch())

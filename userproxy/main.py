@@ -25,7 +25,8 @@ async def serve_manifests(
         log.error("Cannot read the manifests.", reason=str(err))
         return 2
     async with proxy:
-        log.info("userproxy is running.", manifests=str(path),
-                 service_ports=len(proxy.service_ports()))
+        log.info(
+            "userproxy is running.", manifests=str(path), service_ports=len(proxy.service_ports())
+        )
         await source.watch()
     return 0  # pragma: no cover - watch() only ends by cancellation

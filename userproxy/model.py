@@ -18,10 +18,6 @@ class Protocol(enum.StrEnum):
     TCP = "TCP"
     UDP = "UDP"
 
-    @property
-    def lower(self) -> str:
-        return self.value.lower()
-
 
 @dataclass(frozen=True, slots=True, order=True)
 class ServicePortName:

@@ -33,7 +33,11 @@ def service(
     labels: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """A v1 Service. A port is `(name, port[, protocol])` or a full port dict (for nodePort)."""
-    spec: dict[str, Any] = {"type": type, "clusterIP": cluster_ip, "ports": [_port(p) for p in ports]}
+    spec: dict[str, Any] = {
+        "type": type,
+        "clusterIP": cluster_ip,
+        "ports": [_port(p) for p in ports],
+    }
     if external_ips:
         spec["externalIPs"] = list(external_ips)
     if session_affinity:

@@ -58,7 +58,9 @@ def parse_port_range(text: str | None) -> PortRange | None:
             f"invalid port range {text!r}: use begin-end, a single port, or begin+offset"
         ) from None
     if not 1 <= low <= high <= 65535:
-        raise ValueError(f"invalid port range {text!r}: ports must satisfy 1 <= begin <= end <= 65535")
+        raise ValueError(
+            f"invalid port range {text!r}: ports must satisfy 1 <= begin <= end <= 65535"
+        )
     return PortRange(low, high - low + 1)
 
 

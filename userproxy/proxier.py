@@ -132,7 +132,9 @@ class Proxier:
             del self.runtimes[port.name]
         await self._open(port, stats, connections)
 
-    async def _open(self, port: ServicePort, stats: PortStats, connections: set[ClientSide]) -> None:
+    async def _open(
+        self, port: ServicePort, stats: PortStats, connections: set[ClientSide]
+    ) -> None:
         try:
             listener, proxy_port = await self._listen(port, stats, connections)
         except (OSError, PortsExhausted) as err:

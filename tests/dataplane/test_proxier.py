@@ -64,7 +64,10 @@ async def test_multi_port_on_service_add_without_endpoints(proxy: UserProxy) -> 
     await proxy.apply(svc(("p", 80), ("q", 81, "UDP")))
     served = {str(a.port.name): a for a in proxy.service_ports()}
     assert served.keys() == {f"{NS}/{NAME}:p", f"{NS}/{NAME}:q"}
-    assert (served[f"{NS}/{NAME}:p"].port.cluster_ip, served[f"{NS}/{NAME}:p"].port.port) == (VIP, 80)
+    assert (served[f"{NS}/{NAME}:p"].port.cluster_ip, served[f"{NS}/{NAME}:p"].port.port) == (
+        VIP,
+        80,
+    )
     assert served[f"{NS}/{NAME}:q"].port.port == 81
     assert not any(a.has_endpoints for a in served.values())
     with pytest.raises(UnknownServicePort):
@@ -166,8 +169,9 @@ async def test_update_portal_clusterip_removed_headless_and_back(
 async def test_affinity_timeout_change_keeps_the_listener(
     proxy: UserProxy, backends: list[TcpBackend]
 ) -> None:
-    await proxy.apply(svc(("p", 80), session_affinity=True, affinity_timeout=100),
-                      eps(("p", backends[0].port)))
+    await proxy.apply(
+        svc(("p", 80), session_affinity=True, affinity_timeout=100), eps(("p", backends[0].port))
+    )
     port = proxy.proxy_port(f"{NS}/{NAME}:p")
     await proxy.apply(svc(("p", 80), session_affinity=True, affinity_timeout=5))
     assert proxy.proxy_port(f"{NS}/{NAME}:p") == port

@@ -22,8 +22,10 @@ NAME = "default/web:p"
 async def serve(proxy: UserProxy, *ports: int) -> int:
     await proxy.apply(
         service("web", cluster_ip="10.96.0.10", ports=[("p", 80)]),
-        *(endpoint_slice("web", name=f"web-{p}", addresses=[LOCAL], ports=[("p", p)])
-          for p in ports),
+        *(
+            endpoint_slice("web", name=f"web-{p}", addresses=[LOCAL], ports=[("p", p)])
+            for p in ports
+        ),
     )
     return proxy.proxy_port(NAME)
 
@@ -31,7 +33,9 @@ async def serve(proxy: UserProxy, *ports: int) -> int:
 async def test_half_close_client_still_receives_the_full_response(proxy: UserProxy) -> None:
     response = os.urandom(3 * 1024 * 1024)
 
-    async def read_all_then_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def read_all_then_answer(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         request = await reader.read()  # until the client's FIN arrives
         writer.write(len(request).to_bytes(8, "big") + response)
         await writer.drain()
@@ -103,7 +107,7 @@ async def test_client_reset_reaches_the_backend_as_a_reset(proxy: UserProxy) -> 
 
     backend = await TcpBackend("b").start(wait_for_client)
     port = await serve(proxy, backend.port)
-    reader, writer = await asyncio.open_connection(LOCAL, port)
+    _reader, writer = await asyncio.open_connection(LOCAL, port)
     writer.write(b"x")
     await wait_for(lambda: proxy.counters(NAME).active == 1, what="relay up")
     _rst(writer)

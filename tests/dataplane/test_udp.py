@@ -17,8 +17,10 @@ NAME = "default/dns:dns"
 async def serve(proxy: UserProxy, *ports: int) -> int:
     await proxy.apply(
         service("dns", cluster_ip="10.96.0.10", ports=[("dns", 53, "UDP")]),
-        *(endpoint_slice("dns", name=f"dns-{p}", addresses=[LOCAL], ports=[("dns", p, "UDP")])
-          for p in ports),
+        *(
+            endpoint_slice("dns", name=f"dns-{p}", addresses=[LOCAL], ports=[("dns", p, "UDP")])
+            for p in ports
+        ),
     )
     return proxy.proxy_port(NAME)
 

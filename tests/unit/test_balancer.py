@@ -27,7 +27,9 @@ def lb() -> RoundRobinBalancer:
     return RoundRobinBalancer(shuffle=random.Random(7).shuffle)
 
 
-def picks(lb: RoundRobinBalancer, name: ServicePortName, n: int, client: str = "") -> list[Endpoint]:
+def picks(
+    lb: RoundRobinBalancer, name: ServicePortName, n: int, client: str = ""
+) -> list[Endpoint]:
     return [lb.next_endpoint(name, client, now=0) for _ in range(n)]
 
 
@@ -219,7 +221,9 @@ def test_delete_service_forgets_it(lb: RoundRobinBalancer) -> None:
 
 
 # ----------------------------------------------------------------------------- affinity timeout
-def test_custom_timeout_holds_when_endpoints_arrive_before_the_service(lb: RoundRobinBalancer) -> None:
+def test_custom_timeout_holds_when_endpoints_arrive_before_the_service(
+    lb: RoundRobinBalancer,
+) -> None:
     lb.update_endpoints(FOO_P, [ep("e", 1), ep("e", 2)])
     lb.set_affinity(FOO_P, Affinity(client_ip=True, timeout_s=30))
     first = lb.next_endpoint(FOO_P, "10.0.0.1", now=100)
@@ -251,8 +255,7 @@ def test_turning_affinity_off_drops_pins(lb: RoundRobinBalancer) -> None:
 
 # ----------------------------------------------------------------------------- properties
 endpoint_sets = st.sets(
-    st.builds(Endpoint, st.sampled_from(["10.0.0.1", "10.0.0.2", "10.0.0.3"]),
-              st.integers(1, 4)),
+    st.builds(Endpoint, st.sampled_from(["10.0.0.1", "10.0.0.2", "10.0.0.3"]), st.integers(1, 4)),
     min_size=1,
     max_size=12,
 )

@@ -78,11 +78,24 @@ def test_back_to_the_applied_state_is_no_change() -> None:
 def test_endpoints_merge_across_slices_and_disappear_with_them() -> None:
     cache = EndpointsCache()
     name = ServicePortName(*KEY, "p")
-    cache.update(endpoint_slice(build_slice("echo", namespace=KEY[0], name="s1",
-                                            addresses=["10.0.0.1"], ports=[("p", 80)])))
-    cache.update(endpoint_slice(build_slice("echo", namespace=KEY[0], name="s2",
-                                            addresses=["10.0.0.2", "10.0.0.1"],
-                                            ports=[("p", 80)])))
+    cache.update(
+        endpoint_slice(
+            build_slice(
+                "echo", namespace=KEY[0], name="s1", addresses=["10.0.0.1"], ports=[("p", 80)]
+            )
+        )
+    )
+    cache.update(
+        endpoint_slice(
+            build_slice(
+                "echo",
+                namespace=KEY[0],
+                name="s2",
+                addresses=["10.0.0.2", "10.0.0.1"],
+                ports=[("p", 80)],
+            )
+        )
+    )
     assert cache.endpoints(name) == [Endpoint("10.0.0.1", 80), Endpoint("10.0.0.2", 80)]
     assert cache.port_names(KEY) == {name}
     cache.delete(KEY, "s2")

@@ -77,7 +77,10 @@ def test_sctp_port_is_refused_and_the_others_served() -> None:
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda o: o["spec"].update(clusterIP="10.96.0.999"), "clusterIP '10.96.0.999' is not an IP"),
+        (
+            lambda o: o["spec"].update(clusterIP="10.96.0.999"),
+            "clusterIP '10.96.0.999' is not an IP",
+        ),
         (lambda o: o["spec"]["ports"][0].update(port=70000), "port 70000 is not a port number"),
         (lambda o: o["spec"]["ports"][0].update(nodePort="x"), "nodePort 'x'"),
         (lambda o: o["metadata"].pop("name"), "metadata.name is missing"),
@@ -94,8 +97,12 @@ def test_invalid_services_name_the_object_and_reason(mutate: Any, message: str) 
 
 
 def test_endpoint_slice_groups_by_port_and_keeps_conditions() -> None:
-    obj = endpoint_slice("web", addresses=["10.244.0.2", "10.244.0.3"],
-                         ports=[("http", 8080), ("dns", 5353, "UDP")], node_name="node-a")
+    obj = endpoint_slice(
+        "web",
+        addresses=["10.244.0.2", "10.244.0.3"],
+        ports=[("http", 8080), ("dns", 5353, "UDP")],
+        node_name="node-a",
+    )
     obj["endpoints"][1]["conditions"] = {"ready": False, "serving": True, "terminating": True}
     result = convert.endpoint_slice(obj)
     assert result.service == ("default", "web") and result.source == "web-slice"
@@ -119,16 +126,21 @@ def test_core_endpoints_object() -> None:
         "kind": "Endpoints",
         "metadata": {"name": "web", "namespace": "default"},
         "subsets": [
-            {"addresses": [{"ip": "10.0.0.1"}, {"ip": "10.0.0.2"}],
-             "notReadyAddresses": [{"ip": "10.0.0.9"}],
-             "ports": [{"name": "p", "port": 1}, {"name": "q", "port": 2}]},
+            {
+                "addresses": [{"ip": "10.0.0.1"}, {"ip": "10.0.0.2"}],
+                "notReadyAddresses": [{"ip": "10.0.0.9"}],
+                "ports": [{"name": "p", "port": 1}, {"name": "q", "port": 2}],
+            },
             {"addresses": [{"ip": "10.0.0.3"}], "ports": [{"name": "p", "port": 3}]},
         ],
     }
     result = convert.endpoints_object(obj)
     p = ServicePortName("default", "web", "p")
     assert usable_endpoints(list(result.ports[("p", Protocol.TCP)])) == [
-        Endpoint("10.0.0.1", 1), Endpoint("10.0.0.2", 1), Endpoint("10.0.0.3", 3)]
+        Endpoint("10.0.0.1", 1),
+        Endpoint("10.0.0.2", 1),
+        Endpoint("10.0.0.3", 3),
+    ]
     assert len(result.ports[("q", Protocol.TCP)]) == 3  # two ready + one not ready
     assert str(p) == "default/web:p"
 

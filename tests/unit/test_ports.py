@@ -28,8 +28,12 @@ def test_empty_ranges_mean_kernel_chosen_ports(text: str | None) -> None:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("30000-30009", PortRange(30000, 10)), ("8080", PortRange(8080, 1)),
-     ("40000+99", PortRange(40000, 100)), ("1-65535", PortRange(1, 65535))],
+    [
+        ("30000-30009", PortRange(30000, 10)),
+        ("8080", PortRange(8080, 1)),
+        ("40000+99", PortRange(40000, 100)),
+        ("1-65535", PortRange(1, 65535)),
+    ],
 )
 def test_range_forms(text: str, expected: PortRange) -> None:
     assert parse_port_range(text) == expected

@@ -19,6 +19,7 @@ other's transports, so a chunk costs one callback and one `write`. The network b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 from collections.abc import Callable
@@ -49,10 +50,8 @@ def reset_transport(transport: asyncio.BaseTransport) -> None:
     """Close with an RST instead of a FIN (SO_LINGER with a zero timeout)."""
     sock = transport.get_extra_info("socket")
     if sock is not None:
-        try:
+        with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        except OSError:
-            pass
     transport.abort()  # type: ignore[attr-defined]
 
 

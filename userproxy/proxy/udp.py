@@ -129,8 +129,11 @@ class UdpProxy:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as err:
-                log.debug("Reading from a UDP service socket failed.", service=str(self.name),
-                          error=str(err))
+                log.debug(
+                    "Reading from a UDP service socket failed.",
+                    service=str(self.name),
+                    error=str(err),
+                )
                 return
             if flags & socket.MSG_TRUNC:
                 continue

@@ -59,8 +59,11 @@ def _objects(doc: Any, *, origin: str) -> Iterator[Mapping[str, Any]]:
     if doc is None:
         return
     if not isinstance(doc, Mapping):
-        log.error("Skipped a document that is not a Kubernetes object.", origin=origin,
-                  reason=f"it is a {type(doc).__name__}, not a mapping")
+        log.error(
+            "Skipped a document that is not a Kubernetes object.",
+            origin=origin,
+            reason=f"it is a {type(doc).__name__}, not a mapping",
+        )
         return
     if doc.get("kind") == "List" or str(doc.get("kind", "")).endswith("List"):
         for item in doc.get("items") or ():
@@ -110,8 +113,9 @@ class ManifestSource:
             try:
                 by_file[f] = load_file(f)
             except ManifestError as err:
-                log.error("Could not read a manifest file; keeping what it held before.",
-                          reason=str(err))
+                log.error(
+                    "Could not read a manifest file; keeping what it held before.", reason=str(err)
+                )
                 by_file[f] = self._by_file.get(f, [])
         self._by_file = by_file
         self.router.replace_all(obj for loaded in by_file.values() for obj in loaded)
@@ -125,8 +129,9 @@ class ManifestSource:
             try:
                 current = signature(manifest_files(self.path))
             except ManifestError as err:
-                log.error("The manifest path is gone; keeping the current services.",
-                          reason=str(err))
+                log.error(
+                    "The manifest path is gone; keeping the current services.", reason=str(err)
+                )
                 continue
             if current != self._signature:
                 log.info("Manifests changed; reloading.", path=str(self.path))

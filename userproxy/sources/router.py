@@ -50,8 +50,9 @@ class ObjectRouter:
             self._upsert(key, obj)
         except convert.InvalidObject as err:
             self.rejected += 1
-            log.error("Refused an object that cannot be served.", origin=origin or None,
-                      reason=str(err))
+            log.error(
+                "Refused an object that cannot be served.", origin=origin or None, reason=str(err)
+            )
             self.delete(key)
             return False
         return True
@@ -80,8 +81,9 @@ class ObjectRouter:
             self.rejected += 1
             log.error("Refused a service port.", service=f"{key[1]}/{key[2]}", reason=problem)
         if result.skipped:
-            log.debug("Not proxying a Service.", service=f"{key[1]}/{key[2]}",
-                      reason=result.skipped)
+            log.debug(
+                "Not proxying a Service.", service=f"{key[1]}/{key[2]}", reason=result.skipped
+            )
         self._routed[key] = _Routed(service, "")
         self.proxier.on_service(service, result.ports or None)
 

@@ -1,0 +1,180 @@
+"""The real `userproxy` command as users run it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers import LOCAL, TcpBackend, tcp_name, wait_for
+from userproxy.objects import endpoint_slice, service
+
+USERPROXY = [sys.executable, "-m", "userproxy"]
+#: Keep root test runs away from the host's iptables: these tests never need portals.
+NO_ROOT_FLAGS: list[str] = []
+
+
+def cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*USERPROXY, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--bind-address", "127.0.0.1"], "cannot proxy on localhost"),
+        (["--bind-address", "nonsense"], "is not an IP address"),
+        (["--udp-timeout", "0"], "udp-timeout must be greater than zero"),
+        (["--udp-timeout", "fast"], "invalid duration"),
+        (["--proxy-port-range", "9-2"], "invalid port range"),
+        ([], "give --manifests"),
+    ],
+)
+def test_bad_flags_exit_with_a_clear_message(args: list[str], message: str) -> None:
+    result = cli("run", *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_unreadable_manifest_path_exits_non_zero(tmp_path: Path) -> None:
+    result = cli("run", "--manifests", str(tmp_path / "missing.yaml"), "--log-format", "json")
+    assert result.returncode == 2
+    assert "no such file or directory" in result.stderr
+
+
+def test_demo_balances_connections() -> None:
+    result = cli("demo", "--connections", "6")
+    assert result.returncode == 0, result.stderr
+    assert "6 connections" in result.stdout
+    assert "backend-1: 2, backend-2: 2, backend-3: 2" in result.stdout
+    assert "backend-1: 3, backend-2: 3" in result.stdout
+
+
+class RunningProxy:
+    def __init__(self, proc: asyncio.subprocess.Process, log: list[dict[str, object]]) -> None:
+        self.proc = proc
+        self.log = log
+
+    def proxy_port(self, service_port: str) -> int | None:
+        for event in reversed(self.log):
+            if event.get("service") == service_port and "proxy_port" in event:
+                return int(event["proxy_port"])  # type: ignore[call-overload]
+        return None
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmRSS")
+
+
+@pytest.fixture
+async def run_proxy(tmp_path: Path) -> AsyncIterator[Callable[..., object]]:
+    procs: list[asyncio.subprocess.Process] = []
+    readers: list[asyncio.Task[None]] = []
+
+    async def start(manifest: list[dict[str, object]], *flags: str) -> RunningProxy:
+        path = tmp_path / "manifests.yaml"
+        path.write_text(yaml.safe_dump_all(manifest))
+        proc = await asyncio.create_subprocess_exec(
+            *USERPROXY,
+            "run",
+            "--manifests",
+            str(path),
+            "--log-format",
+            "json",
+            "-v",
+            "--bind-address",
+            "0.0.0.0",
+            *NO_ROOT_FLAGS,
+            *flags,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "USERPROXY_PORTALS": "off"},
+        )
+        procs.append(proc)
+        log: list[dict[str, object]] = []
+
+        async def read() -> None:
+            assert proc.stderr is not None
+            while line := await proc.stderr.readline():
+                try:
+                    log.append(yaml.safe_load(line))
+                except yaml.YAMLError:
+                    log.append({"raw": line.decode()})
+
+        readers.append(asyncio.get_running_loop().create_task(read()))
+        running = RunningProxy(proc, log)
+        await wait_for(
+            lambda: any(e.get("event") == "userproxy is running." for e in log),
+            timeout=15,
+            what=f"proxy start: {log}",
+        )
+        return running
+
+    yield start
+    for proc in procs:
+        if proc.returncode is None:
+            proc.terminate()
+            await asyncio.wait_for(proc.wait(), 10)
+    for reader in readers:
+        await reader
+
+
+async def test_run_manifests_serves_and_stops_cleanly(
+    run_proxy: Callable[..., object], backends: list[TcpBackend]
+) -> None:
+    manifest = [
+        service("web", cluster_ip="10.96.0.10", ports=[("http", 80)]),
+        endpoint_slice("web", addresses=[LOCAL], ports=[("http", backends[0].port)]),
+    ]
+    proxy: RunningProxy = await run_proxy(manifest)  # type: ignore[assignment]
+    port = proxy.proxy_port("default/web:http")
+    assert port is not None
+    assert await tcp_name(port) == "pod1"
+    proxy.proc.terminate()
+    assert await asyncio.wait_for(proxy.proc.wait(), 10) == 0
+
+
+async def test_slow_reader_does_not_grow_proxy_memory(run_proxy: Callable[..., object]) -> None:
+    """256 MiB from a fast backend to a client reading slowly: the proxy's RSS stays flat."""
+    total = 256 * 1024 * 1024
+    chunk = os.urandom(1024 * 1024)
+
+    async def firehose(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(total // len(chunk)):
+            writer.write(chunk)
+            await writer.drain()
+        writer.close()
+
+    backend = await TcpBackend("fast").start(firehose)
+    manifest = [
+        service("bulk", cluster_ip="10.96.0.20", ports=[("data", 80)]),
+        endpoint_slice("bulk", addresses=[LOCAL], ports=[("data", backend.port)]),
+    ]
+    proxy: RunningProxy = await run_proxy(manifest)  # type: ignore[assignment]
+    port = proxy.proxy_port("default/bulk:data")
+    assert port is not None
+    reader, writer = await asyncio.open_connection(LOCAL, port, limit=64 * 1024)
+    await asyncio.sleep(0.3)
+    baseline = proxy.rss_kib()
+    peak, received = baseline, 0
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 90
+    while received < total and loop.time() < deadline:
+        data = await reader.read(128 * 1024)
+        if not data:
+            break
+        received += len(data)
+        await asyncio.sleep(0.002)  # at most ~64 MB/s: far slower than the backend sends
+        if received % (8 * 1024 * 1024) < len(data):
+            peak = max(peak, proxy.rss_kib())
+    writer.close()
+    await backend.stop()
+    assert received == total
+    print(f"proxy RSS growth during 256 MiB to a slow reader: {(peak - baseline) / 1024:.1f} MiB")
+    assert (peak - baseline) < 16 * 1024, f"RSS grew by {(peak - baseline) / 1024:.1f} MiB"
