@@ -17,7 +17,7 @@ from userproxy.objects import endpoint_slice, service
 
 USERPROXY = [sys.executable, "-m", "userproxy"]
 #: Keep root test runs away from the host's iptables: these tests never need portals.
-NO_ROOT_FLAGS: list[str] = []
+NO_ROOT_FLAGS = ["--portals", "off"]
 
 
 def cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -94,7 +94,6 @@ async def run_proxy(tmp_path: Path) -> AsyncIterator[Callable[..., object]]:
             *NO_ROOT_FLAGS,
             *flags,
             stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, "USERPROXY_PORTALS": "off"},
         )
         procs.append(proc)
         log: list[dict[str, object]] = []

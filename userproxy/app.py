@@ -43,6 +43,7 @@ class UserProxy:
         proxy_name: str | None = None,
     ) -> None:
         self.settings = settings or ProxySettings()
+        self.portals = portals
         self.proxier = Proxier(settings=self.settings, portals=portals)
         self.router = ObjectRouter(self.proxier, proxy_name=proxy_name)
         self.runner = SyncRunner(
@@ -68,6 +69,8 @@ class UserProxy:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self.portals is not None:
+            await self.portals.close()
         await self.proxier.shutdown()
 
     async def __aenter__(self) -> UserProxy:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
@@ -129,25 +131,98 @@ def main() -> None:
     default=None,
     help="Serve only Services labelled service.kubernetes.io/service-proxy-name=NAME.",
 )
+@click.option(
+    "--portals",
+    type=click.Choice(["auto", "on", "off"]),
+    default="auto",
+    show_default=True,
+    help="Install the iptables portals (ClusterIP/NodePort interception); auto: on as root.",
+)
+@click.option(
+    "--iptables-backend",
+    type=click.Choice(["auto", "legacy", "nft"]),
+    default="auto",
+    show_default=True,
+    help="legacy: python-iptables; nft: iptables-nft-restore; auto: follow the host.",
+)
+@click.option(
+    "--nodeport-addresses",
+    multiple=True,
+    help="CIDRs (comma-separated or repeated) whose addresses answer NodePorts.",
+)
+@click.option("--cleanup", is_flag=True, help="Remove userproxy's iptables rules and exit.")
 @common_logging
 def run(**options: Any) -> None:
     """Run the proxy."""
     logs.configure(verbosity=options["verbosity"], fmt=options["log_format"])
+    if options["cleanup"]:
+        sys.exit(do_cleanup())
     try:
         settings = settings_from_options(options)
+        portal_config = portal_config_from_options(options, settings)
     except (SettingsError, ValueError) as err:
         raise click.UsageError(str(err)) from None
     if options["manifests"] is None:
         raise click.UsageError("give --manifests PATH (a file or directory of Kubernetes YAML)")
     from userproxy.main import serve_manifests
 
-    sys.exit(
-        run_async(
-            serve_manifests(
-                settings, options["manifests"], proxy_name=options["service_proxy_name"]
-            )
-        )
+    job = serve_manifests(
+        settings,
+        options["manifests"],
+        proxy_name=options["service_proxy_name"],
+        portal_config=portal_config,
+        iptables_backend=options["iptables_backend"],
     )
+    sys.exit(run_async(job))
+
+
+def portal_config_from_options(options: dict[str, Any], settings: ProxySettings) -> Any:
+    """The portal settings, or None when portals are off."""
+    wanted = options["portals"]
+    if wanted == "off" or (wanted == "auto" and os.geteuid() != 0):
+        if wanted == "auto":
+            log.warning("Not root: running without portals; connect to the proxy ports.")
+        return None
+    from userproxy.portals.manager import detect_host_ip
+    from userproxy.portals.rules import PortalConfig
+
+    cidrs = tuple(
+        str(ipaddress.ip_network(cidr.strip(), strict=False))
+        for value in options["nodeport_addresses"]
+        for cidr in value.split(",")
+        if cidr.strip()
+    )
+    host_ip = detect_host_ip() if settings.wildcard_bind else settings.bind_address
+    return PortalConfig(bind_address=settings.bind_address, host_ip=host_ip, nodeport_cidrs=cidrs)
+
+
+def do_cleanup() -> int:
+    from userproxy.portals.backends import RulesError, cleanup
+
+    try:
+        removed = cleanup()
+    except RulesError as err:
+        log.error("Cleanup failed.", reason=str(err))
+        return 1
+    message = "Removed userproxy's iptables rules." if removed else "Nothing to clean up."
+    log.info(message, removed=removed)
+    return 0
+
+
+@main.command("cleanup")
+@common_logging
+def cleanup_command(verbosity: int, log_format: Any) -> None:
+    """Remove every userproxy chain and jump rule (legacy and nft); safe to repeat."""
+    logs.configure(verbosity=verbosity, fmt=log_format)
+    sys.exit(do_cleanup())
+
+
+@main.command()
+def rules() -> None:
+    """Print the iptables rules userproxy owns, in iptables-save form."""
+    from userproxy.portals.backends import owned_rules_text
+
+    click.echo(owned_rules_text(), nl=False)
 
 
 def settings_from_options(options: dict[str, Any]) -> ProxySettings:

@@ -50,6 +50,8 @@ class Portals(TypingProtocol):
 
     async def port_removed(self, port: ServicePort) -> None: ...
 
+    async def close(self) -> None: ...
+
 
 @dataclass
 class PortRuntime:

@@ -1,0 +1,28 @@
+"""A pod's backend: TCP and UDP on :8080, answering with the pod's name. Runs until killed."""
+
+import asyncio
+import sys
+
+NAME = sys.argv[1].encode()
+
+
+async def main() -> None:
+    async def tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(NAME + b"\n")
+        await writer.drain()
+        writer.close()
+
+    class Udp(asyncio.DatagramProtocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+
+        def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+            self.transport.sendto(NAME + b"\n", addr)  # type: ignore[attr-defined]
+
+    await asyncio.start_server(tcp, "0.0.0.0", 8080)
+    await asyncio.get_running_loop().create_datagram_endpoint(Udp, local_addr=("0.0.0.0", 8080))
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+
+asyncio.run(main())

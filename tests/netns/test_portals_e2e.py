@@ -1,0 +1,205 @@
+"""End to end in sealed network namespaces: the real `userproxy run --manifests` process in the
+node namespace, backends in two pods, clients in pods, on the node and outside, both backends."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.netns import topology as topo
+from userproxy.objects import endpoint_slice, service
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
+]
+VIP, EMPTY_VIP, LB_IP = "10.96.0.10", "10.96.0.11", "10.96.100.1"
+TCP_NODE_PORT, UDP_NODE_PORT = 30080, 30081
+
+
+def manifest() -> list[dict[str, Any]]:
+    web = service(
+        "web",
+        cluster_ip=VIP,
+        type="LoadBalancer",
+        load_balancer_ips=[LB_IP],
+        external_ips=[topo.NODE_IP],
+        ports=[
+            {"name": "tcp", "port": 80, "nodePort": TCP_NODE_PORT},
+            {"name": "udp", "port": 80, "protocol": "UDP", "nodePort": UDP_NODE_PORT},
+        ],
+    )
+    slice_ = endpoint_slice(
+        "web", addresses=list(topo.POD_IPS.values()), ports=[("tcp", 8080), ("udp", 8080, "UDP")]
+    )
+    empty = service("empty", cluster_ip=EMPTY_VIP, ports=[("tcp", 80), ("udp", 80, "UDP")])
+    return [web, slice_, empty]
+
+
+@pytest.fixture
+def net() -> Any:
+    ns = topo.create()
+    yield ns
+    topo.destroy(ns)
+
+
+async def _spawn(netns: str, *argv: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        "ip",
+        "netns",
+        "exec",
+        netns,
+        *argv,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+@pytest.fixture
+async def cluster(net: dict[str, str], tmp_path: Path, request: Any) -> AsyncIterator[Any]:
+    procs = []
+    for pod in topo.POD_IPS:
+        p = await _spawn(net[pod], sys.executable, str(Path(__file__).parent / "backend.py"), pod)
+        procs.append(p)
+        assert p.stdout is not None
+        assert await asyncio.wait_for(p.stdout.readline(), 10) == b"ready\n"
+    path = tmp_path / "svc.yaml"
+    path.write_text(yaml.safe_dump_all(manifest()))
+    proxy = await _spawn(
+        net["node"],
+        sys.executable,
+        "-m",
+        "userproxy",
+        "run",
+        "--manifests",
+        str(path),
+        "--iptables-backend",
+        request.param,
+        "--log-format",
+        "json",
+        "-v",
+    )
+    procs.append(proxy)
+    ports: dict[str, int] = {}
+    assert proxy.stderr is not None
+    while True:
+        line = await asyncio.wait_for(proxy.stderr.readline(), 15)
+        assert line, "userproxy exited during startup"
+        event = json.loads(line)
+        if "proxy_port" in event:
+            ports[event["service"]] = event["proxy_port"]
+        if event["event"] == "userproxy is running.":
+            break
+    yield net, ports, proxy, path
+    for p in procs:
+        if p.returncode is None:
+            p.terminate()
+            await asyncio.wait_for(p.wait(), 10)
+
+
+async def tcp(netns: str, host: str, port: int) -> str:
+    loop = asyncio.get_running_loop()
+    sock = topo.socket_in(netns)
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, (host, port)), 3)
+        return (await asyncio.wait_for(loop.sock_recv(sock, 100), 3)).decode().strip()
+    finally:
+        sock.close()
+
+
+async def udp(netns: str, host: str, port: int) -> str:
+    loop = asyncio.get_running_loop()
+    sock = topo.socket_in(netns, socket.SOCK_DGRAM)
+    try:
+        sock.connect((host, port))  # connected: only replies from host:port are accepted
+        await loop.sock_sendall(sock, b"hi")
+        return (await asyncio.wait_for(loop.sock_recv(sock, 100), 3)).decode().strip()
+    finally:
+        sock.close()
+
+
+BACKENDS = pytest.mark.parametrize("cluster", ["legacy", "nft"], indirect=True)
+PODS = {"pod1", "pod2"}
+
+
+@BACKENDS
+async def test_every_portal_path_tcp_and_udp(cluster: Any) -> None:
+    ns, _, _, _ = cluster
+    paths = [
+        ("pod1", VIP, 80),
+        ("node", VIP, 80),  # ClusterIP from a pod and the node
+        ("pod2", LB_IP, 80),
+        ("node", LB_IP, 80),  # LoadBalancer ingress IP
+        ("pod1", topo.NODE_IP, 80),
+        ("ext", topo.NODE_IP, 80),  # externalIP (a node address)
+    ]
+    for netns, host, port in paths:
+        got = {await tcp(ns[netns], host, port) for _ in range(4)}
+        assert got == PODS, (netns, host, port, "tcp")  # round robin across both pods
+        assert await udp(ns[netns], host, port) in PODS, (netns, host, port, "udp")
+    node_ports = [
+        ("ext", topo.NODE_IP),
+        ("node", topo.NODE_IP),
+        ("node", "127.0.0.1"),
+        ("pod1", topo.POD_GW),
+    ]
+    for netns, host in node_ports:
+        assert {await tcp(ns[netns], host, TCP_NODE_PORT) for _ in range(4)} == PODS, (netns, host)
+        assert await udp(ns[netns], host, UDP_NODE_PORT) in PODS, (netns, host, "udp")
+
+
+@BACKENDS
+async def test_refusals_and_cleanup(cluster: Any) -> None:
+    ns, ports, proxy, _ = cluster
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    for netns in ("pod1", "node"):  # a service without endpoints is refused at once
+        with pytest.raises(ConnectionRefusedError):
+            await tcp(ns[netns], EMPTY_VIP, 80)
+    assert loop.time() - started < 1
+    # From outside the node, a proxy port cannot be reached directly.
+    with pytest.raises((ConnectionRefusedError, TimeoutError)):
+        await tcp(ns["ext"], topo.NODE_IP, ports["default/web:tcp"])
+    saved = topo.run_in(ns["node"], sys.executable, "-m", "userproxy", "rules")
+    assert '--comment "default/web:tcp"' in saved or "--comment default/web:tcp" in saved
+    proxy.terminate()
+    assert await asyncio.wait_for(proxy.wait(), 10) == 0
+    for tool in ("iptables-legacy-save", "iptables-nft-save"):
+        assert "KUBE-" not in topo.run_in(ns["node"], tool)
+    result = topo.run_in(ns["node"], sys.executable, "-m", "userproxy", "cleanup")
+    assert result == ""
+
+
+@BACKENDS
+async def test_deleted_rule_heals_and_services_follow_the_manifest(cluster: Any) -> None:
+    ns, _, _, path = cluster
+    variant = "legacy" if "legacy" in str(cluster) else "nft"
+    del variant
+    # Someone flushes our portal chain: the next sync (at most the sync period) restores it.
+    for tool in ("iptables-legacy", "iptables-nft"):
+        topo.run_in(ns["node"], "sh", "-c", f"{tool} -t nat -F KUBE-PORTALS-CONTAINER || true")
+    with pytest.raises((TimeoutError, ConnectionRefusedError, OSError)):
+        await tcp(ns["pod1"], VIP, 80)
+    # A manifest change triggers a sync (and so the heal) within the min sync period.
+    objs = manifest()
+    objs[2]["spec"]["clusterIP"] = "10.96.0.12"
+    path.write_text(yaml.safe_dump_all(objs))
+    deadline = asyncio.get_running_loop().time() + 10
+    while True:
+        try:
+            assert {await tcp(ns["pod1"], VIP, 80) for _ in range(2)} == PODS
+            break
+        except (TimeoutError, OSError):
+            assert asyncio.get_running_loop().time() < deadline, "rules did not heal"
+            await asyncio.sleep(0.2)
+    with pytest.raises(ConnectionRefusedError):
+        await tcp(ns["pod1"], "10.96.0.12", 80)
