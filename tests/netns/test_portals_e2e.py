@@ -182,8 +182,6 @@ async def test_refusals_and_cleanup(cluster: Any) -> None:
 @BACKENDS
 async def test_deleted_rule_heals_and_services_follow_the_manifest(cluster: Any) -> None:
     ns, _, _, path = cluster
-    variant = "legacy" if "legacy" in str(cluster) else "nft"
-    del variant
     # Someone flushes our portal chain: the next sync (at most the sync period) restores it.
     for tool in ("iptables-legacy", "iptables-nft"):
         topo.run_in(ns["node"], "sh", "-c", f"{tool} -t nat -F KUBE-PORTALS-CONTAINER || true")
@@ -201,5 +199,9 @@ async def test_deleted_rule_heals_and_services_follow_the_manifest(cluster: Any)
         except (TimeoutError, OSError):
             assert asyncio.get_running_loop().time() < deadline, "rules did not heal"
             await asyncio.sleep(0.2)
-    with pytest.raises(ConnectionRefusedError):
+    # The moved no-endpoint service fails at once. Open question (see the issue notes): about
+    # one run in two the SYN meets a RST instead of ICMP unreachable right after the rebuild.
+    started = asyncio.get_running_loop().time()
+    with pytest.raises((ConnectionRefusedError, ConnectionResetError)):
         await tcp(ns["pod1"], "10.96.0.12", 80)
+    assert asyncio.get_running_loop().time() - started < 1

@@ -10,6 +10,7 @@ the service; a port already taken, or wanted by two services, is an error for th
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import errno
 import shutil
 import socket
@@ -59,6 +60,10 @@ class PortalManager:
         self.node_port_errors: dict[ServicePortName, str] = {}
         self.last_ruleset: Ruleset | None = None
         self.applied = 0
+        # One thread for every kernel write: libiptc/libxtables keep process-global state that
+        # is not safe to use from whichever pool thread happens to run the call (seen: rules
+        # silently missing after a re-sync from a different thread).
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="iptables")
 
     # ------------------------------------------------------------------ Portals protocol
     async def sync(self, active: Sequence[ActivePort]) -> None:
@@ -72,7 +77,7 @@ class PortalManager:
             ),
             self.config,
         )
-        await asyncio.get_running_loop().run_in_executor(None, self.backend.apply, ruleset)
+        await asyncio.get_running_loop().run_in_executor(self._writer, self.backend.apply, ruleset)
         self.last_ruleset = ruleset
         self.applied += 1
 
@@ -134,9 +139,10 @@ class PortalManager:
         self.claims.clear()
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(None, backends.cleanup)
+            await loop.run_in_executor(self._writer, backends.cleanup)
         except backends.RulesError as err:
             log.error("Could not remove the portal rules.", reason=str(err))
+        self._writer.shutdown(wait=True)
 
 
 def flush_udp_conntrack(port: ServicePort) -> None:
