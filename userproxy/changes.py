@@ -49,6 +49,10 @@ class ServiceChangeTracker:
         self._pending.clear()
         return changes
 
+    def applied(self, key: ServiceKey) -> Ports:
+        """The Service's ports as of the last take (what the proxier serves)."""
+        return self._applied.get(key, ())
+
     @property
     def pending(self) -> int:
         """How many Services have a change waiting for the next sync."""

@@ -217,7 +217,7 @@ class Proxier:
     # ------------------------------------------------------------------ endpoints
     def _push_endpoints(self, service: ServiceKey) -> None:
         names = self.endpoints.port_names(service) | {
-            name for name in self.runtimes if name.service == service
+            port.name for port in self.tracker.applied(service)
         }
         for name in names:
             runtime = self.runtimes.get(name)
