@@ -34,7 +34,7 @@ async def serve_manifests(
     portals = None
     if portal_config is not None:
         try:
-            portals = make_portals(portal_config, iptables_backend)
+            portals = make_portals(portal_config, iptables_backend, settings.sync_period)
         except RulesError as err:
             log.error(
                 "Cannot program iptables; run as root, or with --portals off.", reason=str(err)
@@ -55,9 +55,11 @@ async def serve_manifests(
     return 0  # pragma: no cover - watch() only ends by cancellation
 
 
-def make_portals(config: PortalConfig, choice: BackendChoice) -> PortalManager:
+def make_portals(
+    config: PortalConfig, choice: BackendChoice, full_sync_period: float = 30.0
+) -> PortalManager:
     """A portal manager on the chosen backend, after clearing what the other variant may hold
     from an earlier run (rules of both variants would both be evaluated by the kernel)."""
     backend = make_backend(choice)
     cleanup_variant("nft" if isinstance(backend, IptcBackend) else "legacy")
-    return PortalManager(backend=backend, config=config)
+    return PortalManager(backend=backend, config=config, full_sync_period=full_sync_period)

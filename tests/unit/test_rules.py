@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 from userproxy.model import Protocol, ServicePort, ServicePortName
-from userproxy.portals.rules import JUMPS, PortalConfig, PortalPort, build, restore_text
+from userproxy.portals.rules import (
+    JUMPS,
+    Jump,
+    JumpPlan,
+    PortalConfig,
+    PortalPort,
+    RuleBuilder,
+    build,
+    guard_rules,
+    plan_jumps,
+    restore_text,
+)
 
 WILDCARD = PortalConfig(bind_address="0.0.0.0", host_ip="10.0.0.5")
 NAME = ServicePortName("ns", "web", "http")
@@ -17,8 +28,11 @@ def lines(
     claimed: bool = True,
 ) -> list[str]:
     ruleset = build([PortalPort(port, 40123, endpoints, claimed)], config)
-    return [
-        r.line() for chains in ruleset.chains.values() for rules in chains.values() for r in rules
+    return [  # nat first, as the shapes read in the reference
+        r.line
+        for table in ("nat", "filter")
+        for rules in ruleset.chains[table].values()
+        for r in rules
     ]
 
 
@@ -102,26 +116,46 @@ def test_filter_guard_and_no_endpoint_reject() -> None:
         if "KUBE-USERPROXY-FILTER" in ln
     ]
     assert got == [
-        "-A KUBE-USERPROXY-FILTER -m comment --comment ns/web:http -p tcp -m tcp --dport 40123 "
-        "! -i lo -m conntrack ! --ctstate DNAT -j REJECT --reject-with icmp-port-unreachable",
+        '-A KUBE-USERPROXY-FILTER -m comment --comment "userproxy: refuse traffic to proxy ports'
+        ' that bypassed the portals" -p tcp -m multiport --dports 40123 ! -i lo -m conntrack'
+        " ! --ctstate DNAT -j REJECT --reject-with icmp-port-unreachable",
         "-A KUBE-USERPROXY-FILTER -m comment --comment ns/web:http -p tcp -m tcp --dport 40123 "
         "-j REJECT --reject-with icmp-port-unreachable",
     ]
-    assert (
-        len(
-            [
-                ln
-                for ln in lines(ServicePort(NAME, "10.96.0.10", 80))
-                if "KUBE-USERPROXY-FILTER" in ln
-            ]
-        )
-        == 1
-    )
+    with_endpoints = lines(ServicePort(NAME, "10.96.0.10", 80))
+    assert len([ln for ln in with_endpoints if "KUBE-USERPROXY-FILTER" in ln]) == 1
+
+
+def test_guard_packs_proxy_ports_fifteen_slots_per_rule_ranges_counting_two() -> None:
+    rules = guard_rules("udp", [*range(100, 110), 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29])
+    assert [r.dports for r in rules] == [
+        "7,9,11,13,15,17,19,21,23,25,27,29,100:109",
+    ]
+    many = guard_rules("tcp", range(1000, 1032, 2))  # 16 lone ports
+    assert [r.dports.count(",") + 1 for r in many if r.dports] == [15, 1]
+    assert all(r.protocol == "tcp" and r.ctstate_not_dnat for r in many)
+
+
+def test_hostile_names_cannot_break_a_batch() -> None:
+    name = ServicePortName("ns", 'we"b\n-j ACCEPT', "http")
+    (line,) = [ln for ln in lines(ServicePort(name, "10.96.0.10", 80)) if "PORTALS-HOST" in ln]
+    assert "--comment ns/we_b_-j_ACCEPT:http " in line
+
+
+def test_unchanged_ports_reuse_their_rules() -> None:
+    builder = RuleBuilder(WILDCARD)
+    entry = PortalPort(ServicePort(NAME, "10.96.0.10", 80), 40123, True)
+    first = builder.build([entry]).rules("KUBE-PORTALS-HOST")[0]
+    again = builder.build([entry]).rules("KUBE-PORTALS-HOST")[0]
+    assert again is first
+    moved = PortalPort(ServicePort(NAME, "10.96.0.11", 80), 40123, True)
+    assert builder.build([moved]).rules("KUBE-PORTALS-HOST")[0].dst == "10.96.0.11/32"
 
 
 def test_restore_batch_declares_every_chain_and_adds_missing_jumps() -> None:
-    text = restore_text(build([], WILDCARD), missing_jumps=JUMPS)
-    assert text.splitlines()[:5] == [
+    text = restore_text(build([], WILDCARD), add_jumps=JUMPS)
+    nat = text.split("COMMIT\n")[1]
+    assert nat.splitlines()[:5] == [
         "*nat",
         ":KUBE-PORTALS-CONTAINER - [0:0]",
         ":KUBE-PORTALS-HOST - [0:0]",
@@ -134,3 +168,49 @@ def test_restore_batch_declares_every_chain_and_adds_missing_jumps() -> None:
     ) in text
     assert "-A OUTPUT -m comment --comment" in text and "-j KUBE-NODEPORT-HOST" in text
     assert text.count("COMMIT") == 2
+
+
+def test_filter_is_committed_before_nat() -> None:
+    """A new proxy port's REJECT must exist before a nat rule can send clients to it."""
+    text = restore_text(
+        build([PortalPort(ServicePort(NAME, "10.96.0.10", 80), 1, False)], WILDCARD)
+    )
+    assert text.index("*filter") < text.index("COMMIT") < text.index("*nat")
+
+
+GUARD, NON_LOCAL = "KUBE-USERPROXY-FILTER", "KUBE-NODEPORT-NON-LOCAL"
+IN_ORDER = {
+    ("nat", "PREROUTING"): ["KUBE-PORTALS-CONTAINER", "DOCKER", "KUBE-NODEPORT-CONTAINER"],
+    ("nat", "OUTPUT"): ["KUBE-PORTALS-HOST", "KUBE-NODEPORT-HOST"],
+    ("filter", "INPUT"): ["f2b-sshd", GUARD, NON_LOCAL, "ACCEPT"],
+}
+
+
+def targets(jumps: tuple[Jump, ...]) -> list[str]:
+    return [j.rule.target.name for j in jumps]
+
+
+def test_jumps_in_place_are_left_alone_even_below_foreign_rules() -> None:
+    assert plan_jumps(IN_ORDER) == JumpPlan()
+
+
+def test_every_jump_added_when_none_exist_guard_last_so_it_ends_on_top() -> None:
+    plan = plan_jumps({})
+    assert plan.remove == () and plan.add == JUMPS
+    assert targets(plan.add)[-2:] == [NON_LOCAL, GUARD]
+
+
+def test_re_adding_non_local_re_places_the_guard_above_it() -> None:
+    plan = plan_jumps({**IN_ORDER, ("filter", "INPUT"): [GUARD]})
+    assert targets(plan.remove) == [GUARD]
+    assert targets(plan.add) == [NON_LOCAL, GUARD]
+
+
+def test_guard_below_non_local_is_moved_up() -> None:
+    plan = plan_jumps({**IN_ORDER, ("filter", "INPUT"): [NON_LOCAL, GUARD]})
+    assert (targets(plan.remove), targets(plan.add)) == ([GUARD], [GUARD])
+
+
+def test_a_missing_nodeport_jump_is_appended_without_touching_the_portal_jump() -> None:
+    plan = plan_jumps({**IN_ORDER, ("nat", "OUTPUT"): ["KUBE-PORTALS-HOST"]})
+    assert plan.remove == () and targets(plan.add) == ["KUBE-NODEPORT-HOST"]

@@ -12,9 +12,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import errno
+import functools
+import math
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,7 +25,7 @@ import structlog
 
 from userproxy.model import Protocol, ServicePort, ServicePortName
 from userproxy.portals import backends
-from userproxy.portals.rules import PortalConfig, PortalPort, Ruleset, build
+from userproxy.portals.rules import PortalConfig, PortalPort, RuleBuilder, Ruleset
 from userproxy.proxier import ActivePort
 
 log = structlog.get_logger("userproxy.portals")
@@ -52,9 +55,21 @@ class _Claim:
 
 
 class PortalManager:
-    def __init__(self, *, backend: backends.RuleBackend, config: PortalConfig) -> None:
+    def __init__(
+        self,
+        *,
+        backend: backends.RuleBackend,
+        config: PortalConfig,
+        full_sync_period: float = 30.0,
+    ) -> None:
         self.backend = backend
         self.config = config
+        #: Every sync writes only what changed, except one per this many seconds (and the
+        #: first, and any after a failure), which rewrites our chains whole: the heal for
+        #: rules someone else deleted (`--iptables-sync-period`).
+        self.full_sync_period = full_sync_period
+        self._last_full = -math.inf
+        self._builder = RuleBuilder(config)
         self.claims: dict[ClaimKey, _Claim] = {}
         #: Why a service port's NodePort is not served (clash), for status and tests.
         self.node_port_errors: dict[ServicePortName, str] = {}
@@ -68,16 +83,23 @@ class PortalManager:
     # ------------------------------------------------------------------ Portals protocol
     async def sync(self, active: Sequence[ActivePort]) -> None:
         claimed = self._update_claims(active)
-        ruleset = build(
-            (
-                PortalPort(
-                    a.port, a.proxy_port, a.has_endpoints, node_port_claimed=a.port.name in claimed
-                )
-                for a in active
-            ),
-            self.config,
+        ruleset = self._builder.build(
+            PortalPort(
+                a.port, a.proxy_port, a.has_endpoints, node_port_claimed=a.port.name in claimed
+            )
+            for a in active
         )
-        await asyncio.get_running_loop().run_in_executor(self._writer, self.backend.apply, ruleset)
+        now = time.monotonic()
+        # 0.9: the periodic sync arrives a hair under one period after the last full one.
+        full = now - self._last_full >= 0.9 * self.full_sync_period
+        apply = functools.partial(self.backend.apply, ruleset, full=full)
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._writer, apply)
+        except Exception:
+            self._last_full = -math.inf  # the kernel state is unknown: rewrite it whole next
+            raise
+        if full:
+            self._last_full = now
         self.last_ruleset = ruleset
         self.applied += 1
 

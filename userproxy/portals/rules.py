@@ -29,8 +29,11 @@ Network facts behind the shapes:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
-from collections.abc import Iterable, Sequence
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from userproxy.model import ServicePort
@@ -43,9 +46,12 @@ NODEPORT_HOST = "KUBE-NODEPORT-HOST"
 NODEPORT_NON_LOCAL = "KUBE-NODEPORT-NON-LOCAL"
 USERPROXY_FILTER = "KUBE-USERPROXY-FILTER"
 
+# Tables are written in this order, each in its own commit (iptables-restore commits per
+# table). filter goes first: its REJECT rules for a new proxy port must be in place before a
+# nat rule can send a client there, or a service without endpoints briefly accepts and resets.
 CHAINS: dict[str, tuple[str, ...]] = {
-    NAT: (PORTALS_CONTAINER, PORTALS_HOST, NODEPORT_CONTAINER, NODEPORT_HOST),
     FILTER: (NODEPORT_NON_LOCAL, USERPROXY_FILTER),
+    NAT: (PORTALS_CONTAINER, PORTALS_HOST, NODEPORT_CONTAINER, NODEPORT_HOST),
 }
 OWNED_CHAINS = frozenset(c for chains in CHAINS.values() for c in chains)
 
@@ -78,8 +84,11 @@ ACCEPT = Target("ACCEPT")
 REFUSE = Target("REJECT", reject_with="icmp-port-unreachable")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Rule:
+    """One rule. Equal rules have equal text: equality and hashing go through `line`, which
+    is computed once (diffing 30,000 rules field by field costs ~0.15 s per sync)."""
+
     chain: str
     target: Target
     comment: str | None = None
@@ -92,16 +101,21 @@ class Rule:
     addrtype_local: bool = False
     ctstate_not_dnat: bool = False
     state_new: bool = False
+    #: `-m multiport --dports`: up to 15 ports, a range `a:b` counting as two.
+    dports: str | None = None
 
-    def args(self) -> list[str]:
-        """The rule as iptables arguments (without `-A CHAIN`), in kube-proxy's order."""
+    def args(self, *, quoted: bool = False) -> list[str]:
+        """The rule as iptables arguments (without `-A CHAIN`), in kube-proxy's order;
+        `quoted` quotes the comment for iptables-restore (the only free-text argument)."""
         a: list[str] = []
         if self.comment is not None:
-            a += ["-m", "comment", "--comment", self.comment]
+            a += ["-m", "comment", "--comment", _quote(self.comment) if quoted else self.comment]
         if self.protocol is not None:
-            a += ["-p", self.protocol, "-m", self.protocol]
+            a += ["-p", self.protocol]
             if self.dport is not None:
-                a += ["--dport", str(self.dport)]
+                a += ["-m", self.protocol, "--dport", str(self.dport)]
+        if self.dports is not None:
+            a += ["-m", "multiport", "--dports", self.dports]
         if self.dst is not None:
             a += ["-d", self.dst]
         if self.not_dst is not None:
@@ -118,13 +132,21 @@ class Rule:
             a += ["-m", "state", "--state", "NEW"]
         return a + self.target.args()
 
+    @functools.cached_property
     def line(self) -> str:
-        """`-A CHAIN args` as iptables-restore reads it (comments quoted)."""
-        return " ".join(["-A", self.chain, *(_quote(x) for x in self.args())])
+        """`-A CHAIN args` as iptables-restore reads it (comments quoted). Computed once per
+        rule: the builder hands back the same Rule objects while a service port is unchanged."""
+        return " ".join(["-A", self.chain, *self.args(quoted=True)])
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Rule) and self.line == other.line
+
+    def __hash__(self) -> int:
+        return hash(self.line)
 
 
 def _quote(arg: str) -> str:
-    return f'"{arg}"' if any(c in arg for c in ' ;"') or arg == "" else arg
+    return f'"{arg}"' if " " in arg or ";" in arg or not arg else arg
 
 
 @dataclass(frozen=True)
@@ -164,7 +186,7 @@ class PortalConfig:
     nodeport_cidrs: tuple[str, ...] = ()
     """`--nodeport-addresses`: NodePorts answer only on these; empty means every local address."""
 
-    @property
+    @functools.cached_property
     def wildcard(self) -> bool:
         return ipaddress.ip_address(self.bind_address).is_unspecified
 
@@ -198,16 +220,41 @@ class Ruleset:
         return sum(len(r) for chains in self.chains.values() for r in chains.values())
 
 
+class RuleBuilder:
+    """Builds the desired rule set, sync after sync, reusing the rules of every service port
+    that did not change (10,000 service ports would otherwise cost ~0.7 s of Python per sync)."""
+
+    def __init__(self, config: PortalConfig) -> None:
+        self.config = config
+        self._rules: dict[PortalPort, tuple[Rule, ...]] = {}
+
+    def build(self, ports: Iterable[PortalPort]) -> Ruleset:
+        ruleset = Ruleset()
+        fresh: dict[PortalPort, tuple[Rule, ...]] = {}
+        proxy_ports: dict[str, list[int]] = {}
+        for entry in ports:
+            rules = self._rules.get(entry)
+            if rules is None:
+                rules = tuple(port_rules(entry, self.config))
+            fresh[entry] = rules
+            for rule in rules:
+                ruleset.add(rule)
+            proxy_ports.setdefault(entry.port.protocol.value.lower(), []).append(entry.proxy_port)
+        self._rules = fresh
+        guards = [
+            rule for proto, nums in sorted(proxy_ports.items()) for rule in guard_rules(proto, nums)
+        ]
+        ruleset.chains[FILTER][USERPROXY_FILTER][:0] = guards
+        return ruleset
+
+
 def build(ports: Iterable[PortalPort], config: PortalConfig) -> Ruleset:
-    ruleset = Ruleset()
-    for entry in ports:
-        for rule in port_rules(entry, config):
-            ruleset.add(rule)
-    return ruleset
+    return RuleBuilder(config).build(ports)
 
 
 def port_rules(entry: PortalPort, config: PortalConfig) -> list[Rule]:
-    """Every rule of one service port, in the order the old proxier opened its portals."""
+    """Every rule of one service port, in the order the old proxier opened its portals
+    (the proxy-port guard is shared, see `guard_rules`)."""
     port, proxy_port = entry.port, entry.proxy_port
     if not _ipv4(port.cluster_ip):
         return []  # the portal tables are IPv4 (iptables); IPv6 services are proxied only
@@ -229,14 +276,57 @@ def port_rules(entry: PortalPort, config: PortalConfig) -> list[Rule]:
         ]
     if port.node_port and entry.node_port_claimed:
         rules += _node_port_rules(entry, config, container, host)
-    rules.append(
-        _rule(
-            USERPROXY_FILTER, REFUSE, port, proxy_port, not_in_interface="lo", ctstate_not_dnat=True
-        )
-    )
     if not entry.has_endpoints:
         rules.append(_rule(USERPROXY_FILTER, REFUSE, port, proxy_port))
     return rules
+
+
+MULTIPORT_SLOTS = 15  # the kernel's xt_multiport limit; a range a:b takes two
+
+
+def guard_rules(protocol: str, proxy_ports: Iterable[int]) -> list[Rule]:
+    """Refuse connections to proxy ports that arrive from another host without having been
+    NATed by a portal (ctstate DNAT covers REDIRECT too). Ports are packed into multiport
+    rules, consecutive ones as ranges: one rule per proxy port would add 10,000 rules to a
+    10,000-port node, and nft pays ~30 us per rule on every full sync."""
+    rules: list[Rule] = []
+    chunk: list[str] = []
+    used = 0
+    for low, high in _ranges(sorted(set(proxy_ports))):
+        item, cost = (str(low), 1) if low == high else (f"{low}:{high}", 2)
+        if used + cost > MULTIPORT_SLOTS:
+            rules.append(_guard(protocol, chunk))
+            chunk, used = [], 0
+        chunk.append(item)
+        used += cost
+    if chunk:
+        rules.append(_guard(protocol, chunk))
+    return rules
+
+
+def _guard(protocol: str, items: list[str]) -> Rule:
+    return Rule(
+        USERPROXY_FILTER,
+        REFUSE,
+        comment=FILTER_COMMENT,
+        protocol=protocol,
+        dports=",".join(items),
+        not_in_interface="lo",
+        ctstate_not_dnat=True,
+    )
+
+
+def _ranges(ports: list[int]) -> Iterator[tuple[int, int]]:
+    start = prev = None
+    for p in ports:
+        if prev is not None and p == prev + 1:
+            prev = p
+            continue
+        if start is not None and prev is not None:
+            yield start, prev
+        start = prev = p
+    if start is not None and prev is not None:
+        yield start, prev
 
 
 def _rule(
@@ -256,7 +346,7 @@ def _rule(
     return Rule(
         chain,
         target,
-        comment=str(port.name),
+        comment=safe_comment(str(port.name)),
         protocol=port.protocol.value.lower(),
         dport=dport,
         dst=dst,
@@ -286,6 +376,15 @@ def _node_port_rules(
     return rules
 
 
+_UNSAFE = re.compile(r"[^A-Za-z0-9._:/-]")
+
+
+def safe_comment(text: str) -> str:
+    """Kubernetes names never need more than these characters; anything else (from a
+    hand-written manifest) is replaced so it cannot break an iptables-restore batch."""
+    return _UNSAFE.sub("_", text)[:255]
+
+
 def _container_target(config: PortalConfig, proxy_port: int) -> Target:
     if config.wildcard:
         return Target("REDIRECT", to_ports=proxy_port)
@@ -297,28 +396,114 @@ def _host_address(config: PortalConfig) -> str:
 
 
 def _ipv4(ip: str) -> bool:
-    try:
-        return ipaddress.ip_address(ip).version == 4
-    except ValueError:
-        return False
+    # The converters store addresses in ipaddress' normal form: IPv6 always has a colon.
+    return bool(ip) and ":" not in ip
 
 
-def restore_text(ruleset: Ruleset, *, missing_jumps: Sequence[Jump] = ()) -> str:
+@dataclass
+class ChainChange:
+    removed: list[Rule] = field(default_factory=list)
+    added: list[Rule] = field(default_factory=list)
+
+
+def diff(old: Ruleset, new: Ruleset) -> dict[str, dict[str, ChainChange]]:
+    """Per table and chain, the rules to delete and to append to turn `old` into `new`.
+
+    Order inside our chains carries no meaning (every rule of a chain matches a different
+    destination, or they all refuse), so appending is as good as rewriting. Tables and chains
+    without a change are left out.
+    """
+    out: dict[str, dict[str, ChainChange]] = {}
+    for table, chains in new.chains.items():
+        for chain, rules in chains.items():
+            previous = old.chains[table][chain]
+            if previous == rules:
+                continue
+            before, after = Counter(previous), Counter(rules)
+            change = ChainChange(
+                list((before - after).elements()), list((after - before).elements())
+            )
+            out.setdefault(table, {})[chain] = change
+    return out
+
+
+def change_text(changes: Mapping[str, Mapping[str, ChainChange]]) -> str:
+    """An `iptables-restore --noflush` batch that applies `diff`'s changes (deletes by spec)."""
+    out: list[str] = []
+    for table in CHAINS:
+        if table not in changes:
+            continue
+        out.append(f"*{table}")
+        for change in changes[table].values():
+            out += ["-D" + r.line[2:] for r in change.removed]
+            out += [r.line for r in change.added]
+        out.append("COMMIT")
+    return "\n".join(out) + "\n" if out else ""
+
+
+@dataclass(frozen=True)
+class JumpPlan:
+    """How to bring the built-in chains' jumps into shape: delete every rule jumping to a
+    `remove` target, then add `add` in order (first-jumps are inserted at the top)."""
+
+    remove: tuple[Jump, ...] = ()
+    add: tuple[Jump, ...] = ()
+
+
+def plan_jumps(present: Mapping[tuple[str, str], Sequence[str]]) -> JumpPlan:
+    """From the jump targets found in each built-in chain, top to bottom, what to fix.
+
+    Missing jumps are added. A top jump must also sit above every top jump listed before it
+    in JUMPS (the proxy-port guard above NON-LOCAL, which would otherwise accept a direct
+    connection first): when one is missing or out of place, the later ones are re-inserted too.
+    Jumps that are present and in order are left alone, so rules other programs insert above
+    ours keep their place.
+    """
+    remove: list[Jump] = []
+    add: list[Jump] = []
+    for i, jump in enumerate(JUMPS):
+        targets = list(present.get((jump.table, jump.chain), ()))
+        target = jump.rule.target.name
+        if target not in targets:
+            add.append(jump)
+            continue
+        if not jump.first:
+            continue
+        earlier = [
+            j for j in JUMPS[:i] if j.first and (j.table, j.chain) == (jump.table, jump.chain)
+        ]
+        misplaced = any(
+            j in add or targets.index(j.rule.target.name) < targets.index(target) for j in earlier
+        )
+        if misplaced:
+            remove.append(jump)
+            add.append(jump)
+    return JumpPlan(tuple(remove), tuple(add))
+
+
+def restore_text(
+    ruleset: Ruleset,
+    *,
+    delete_lines: Mapping[str, Sequence[str]] | None = None,
+    add_jumps: Sequence[Jump] = (),
+) -> str:
     """An `iptables-restore --noflush` batch that makes our chains exactly `ruleset`.
 
     Declaring a chain (`:NAME - [0:0]`) flushes it (creating it if needed); chains we do not
-    declare, including the built-in ones and everyone else's, are left alone. The kernel
-    applies the whole batch or nothing.
+    declare, including the built-in ones and everyone else's, are left alone. `delete_lines`
+    are per table `-A ...` lines as iptables-save printed them (jumps to re-place); they are
+    deleted by their exact spec. Each table is applied whole or not at all.
     """
     out: list[str] = []
     for table, chains in ruleset.chains.items():
         out.append(f"*{table}")
         out += [f":{chain} - [0:0]" for chain in chains]
+        out += ["-D" + line[2:] for line in (delete_lines or {}).get(table, ())]
         for rules in chains.values():
-            out += [r.line() for r in rules]
-        for jump in missing_jumps:
+            out += [r.line for r in rules]
+        for jump in add_jumps:
             if jump.table == table:
                 verb = f"-I {jump.chain} 1" if jump.first else f"-A {jump.chain}"
-                out.append(jump.rule.line().replace(f"-A {jump.chain}", verb, 1))
+                out.append(jump.rule.line.replace(f"-A {jump.chain}", verb, 1))
         out.append("COMMIT")
     return "\n".join(out) + "\n"
