@@ -17,7 +17,7 @@ import click
 import structlog
 import uvloop
 
-from userproxy import __version__, logs
+from userproxy import __version__, config, logs
 from userproxy.durations import parse_duration
 from userproxy.ports import parse_port_range
 from userproxy.settings import ProxySettings, SettingsError, default_node_name
@@ -87,9 +87,36 @@ def main() -> None:
 
 @main.command()
 @click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="A KubeProxyConfiguration file; flags given on the command line override it.",
+)
+@click.option(
+    "--write-config-to",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Write the effective configuration (file and flags) there and exit.",
+)
+@click.option(
     "--manifests",
     type=click.Path(path_type=Path),
-    help="A file or directory of Service / EndpointSlice / Endpoints YAML to serve.",
+    help="Serve a file or directory of Service / EndpointSlice / Endpoints YAML (no cluster).",
+)
+@click.option("--kubeconfig", default="", help="Follow the API server of this kubeconfig.")
+@click.option(
+    "--master", default="", help="The API server URL (overrides the kubeconfig's server)."
+)
+@click.option(
+    "--use-endpoints",
+    is_flag=True,
+    help="Watch core/v1 Endpoints instead of EndpointSlices (clusters older than 1.21).",
+)
+@click.option(
+    "--proxy-mode",
+    type=click.Choice(["userspace"]),
+    default="userspace",
+    show_default=True,
+    help="Which proxy mode to run.",
 )
 @click.option(
     "--bind-address",
@@ -114,7 +141,7 @@ def main() -> None:
     type=DURATION,
     default="30s",
     show_default=True,
-    help="The longest time between two syncs.",
+    help="The longest time between two syncs (and between full rewrites of the rules).",
 )
 @click.option(
     "--iptables-min-sync-period",
@@ -130,6 +157,23 @@ def main() -> None:
     "--service-proxy-name",
     default=None,
     help="Serve only Services labelled service.kubernetes.io/service-proxy-name=NAME.",
+)
+@click.option(
+    "--healthz-bind-address",
+    default="0.0.0.0:10256",
+    show_default=True,
+    help="host:port of /healthz and /livez; empty disables.",
+)
+@click.option(
+    "--metrics-bind-address",
+    default="127.0.0.1:10249",
+    show_default=True,
+    help="host:port of /metrics, /proxyMode, /configz and /status (userproxy ls); empty disables.",
+)
+@click.option(
+    "--bind-address-hard-fail",
+    is_flag=True,
+    help="Exit if the health or metrics server cannot bind (else log and go on).",
 )
 @click.option(
     "--portals",
@@ -152,28 +196,84 @@ def main() -> None:
 )
 @click.option("--cleanup", is_flag=True, help="Remove userproxy's iptables rules and exit.")
 @common_logging
-def run(**options: Any) -> None:
-    """Run the proxy."""
+@click.pass_context
+def run(ctx: click.Context, /, **options: Any) -> None:
+    """Run the proxy: on --manifests, or following the API server (--kubeconfig, --master,
+    or the in-cluster service account when neither is given)."""
     logs.configure(verbosity=options["verbosity"], fmt=options["log_format"])
     if options["cleanup"]:
         sys.exit(do_cleanup())
     try:
+        options = merge_config_file(ctx, options)
+        if options["write_config_to"] is not None:
+            options["write_config_to"].write_text(config.dump(effective_config(options)))
+            log.info("Wrote the configuration.", path=str(options["write_config_to"]))
+            sys.exit(0)
         settings = settings_from_options(options)
         portal_config = portal_config_from_options(options, settings)
-    except (SettingsError, ValueError) as err:
+    except (SettingsError, ValueError, OSError) as err:
         raise click.UsageError(str(err)) from None
-    if options["manifests"] is None:
-        raise click.UsageError("give --manifests PATH (a file or directory of Kubernetes YAML)")
-    from userproxy.main import serve_manifests
+    from userproxy.main import RunOptions, serve_kubernetes, serve_manifests
 
-    job = serve_manifests(
-        settings,
-        options["manifests"],
+    run_options = RunOptions(
         proxy_name=options["service_proxy_name"],
         portal_config=portal_config,
         iptables_backend=options["iptables_backend"],
+        healthz_address=options["healthz_bind_address"],
+        metrics_address=options["metrics_bind_address"],
+        bind_address_hard_fail=options["bind_address_hard_fail"],
+        configz=effective_config(options),
+    )
+    if options["manifests"] is not None:
+        sys.exit(run_async(serve_manifests(settings, options["manifests"], run_options)))
+    if not (
+        options["kubeconfig"] or options["master"] or os.environ.get("KUBERNETES_SERVICE_HOST")
+    ):
+        raise click.UsageError(
+            "give --manifests PATH, --kubeconfig FILE or --master URL "
+            "(or run in a pod, with the in-cluster service account)"
+        )
+    job = serve_kubernetes(
+        settings,
+        run_options,
+        kubeconfig=options["kubeconfig"] or None,
+        master=options["master"] or None,
+        use_endpoints=options["use_endpoints"],
     )
     sys.exit(run_async(job))
+
+
+def merge_config_file(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any]:
+    """Defaults < the --config file < flags given on the command line."""
+    path = options["config_file"]
+    if path is None:
+        return options
+    from_file = config.load(path.read_text(), source=str(path))
+    merged = dict(options)
+    for option, value in from_file.items():
+        if ctx.get_parameter_source(option) in (
+            click.core.ParameterSource.DEFAULT,
+            click.core.ParameterSource.DEFAULT_MAP,
+        ):
+            merged[option] = value
+    return merged
+
+
+def effective_config(options: dict[str, Any]) -> dict[str, Any]:
+    """The options a KubeProxyConfiguration carries, in option form (see config.USED)."""
+    wanted = {option for option, _ in config.USED.values()}
+    out = {k: v for k, v in options.items() if k in wanted}
+    out["nodeport_addresses"] = nodeport_cidrs(options["nodeport_addresses"])
+    return out
+
+
+def nodeport_cidrs(values: Any) -> tuple[str, ...]:
+    return tuple(
+        str(ipaddress.ip_network(cidr.strip(), strict=False))
+        for value in values or ()
+        for cidr in value.split(",")
+        if cidr.strip()
+    )
 
 
 def portal_config_from_options(options: dict[str, Any], settings: ProxySettings) -> Any:
@@ -186,12 +286,7 @@ def portal_config_from_options(options: dict[str, Any], settings: ProxySettings)
     from userproxy.portals.manager import detect_host_ip
     from userproxy.portals.rules import PortalConfig
 
-    cidrs = tuple(
-        str(ipaddress.ip_network(cidr.strip(), strict=False))
-        for value in options["nodeport_addresses"]
-        for cidr in value.split(",")
-        if cidr.strip()
-    )
+    cidrs = nodeport_cidrs(options["nodeport_addresses"])
     host_ip = detect_host_ip() if settings.wildcard_bind else settings.bind_address
     return PortalConfig(bind_address=settings.bind_address, host_ip=host_ip, nodeport_cidrs=cidrs)
 
@@ -215,6 +310,38 @@ def cleanup_command(verbosity: int, log_format: Any) -> None:
     """Remove every userproxy chain and jump rule (legacy and nft); safe to repeat."""
     logs.configure(verbosity=verbosity, fmt=log_format)
     sys.exit(do_cleanup())
+
+
+@main.command("ls")
+@click.option(
+    "--address",
+    default="127.0.0.1:10249",
+    show_default=True,
+    help="The running proxy's --metrics-bind-address.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON the proxy serves.")
+def ls(address: str, as_json: bool) -> None:
+    """Show a running proxy's service ports and endpoints with their connections
+    (in the spirit of ipvsadm -Ln)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from userproxy.status import render
+
+    host, _, port = address.rpartition(":")
+    host = "127.0.0.1" if host in ("", "0.0.0.0") else host
+    url = f"http://{host}:{port}/status"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            status = json.load(response)
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        raise click.ClickException(
+            f"cannot read {url} ({err}); is userproxy running with --metrics-bind-address?"
+        ) from None
+    click.echo(json.dumps(status, indent=2) if as_json else render(status), nl=not as_json)
+    if as_json:
+        click.echo()
 
 
 @main.command()

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -16,43 +20,28 @@ from userproxy.portals.backends import (
 )
 from userproxy.portals.manager import PortalManager
 from userproxy.portals.rules import PortalConfig
+from userproxy.servers import ServerError, Servers
 from userproxy.settings import ProxySettings
 from userproxy.sources.manifests import ManifestError, ManifestSource
 
 log = structlog.get_logger("userproxy")
 
 
-async def serve_manifests(
-    settings: ProxySettings,
-    path: Path,
-    *,
-    proxy_name: str | None = None,
-    portal_config: PortalConfig | None = None,
-    iptables_backend: BackendChoice = "auto",
-) -> int:
-    """Serve the Services in `path` until cancelled, reloading when the files change."""
-    portals = None
-    if portal_config is not None:
-        try:
-            portals = make_portals(portal_config, iptables_backend, settings.sync_period)
-        except RulesError as err:
-            log.error(
-                "Cannot program iptables; run as root, or with --portals off.", reason=str(err)
-            )
-            return 1
-    proxy = UserProxy(settings, proxy_name=proxy_name, portals=portals)
-    source = ManifestSource(path, proxy.router, on_change=proxy.runner.request)
-    try:
-        source.load()
-    except ManifestError as err:
-        log.error("Cannot read the manifests.", reason=str(err))
-        return 2
-    async with proxy:
-        log.info(
-            "userproxy is running.", manifests=str(path), service_ports=len(proxy.service_ports())
-        )
-        await source.watch()
-    return 0  # pragma: no cover - watch() only ends by cancellation
+@dataclass(frozen=True)
+class RunOptions:
+    """What `userproxy run` needs besides the proxy settings."""
+
+    proxy_name: str | None = None
+    portal_config: PortalConfig | None = None
+    iptables_backend: BackendChoice = "auto"
+    healthz_address: str = "0.0.0.0:10256"
+    metrics_address: str = "127.0.0.1:10249"
+    bind_address_hard_fail: bool = False
+    configz: Mapping[str, Any] = field(default_factory=dict)
+
+
+class StartupError(Exception):
+    pass
 
 
 def make_portals(
@@ -63,3 +52,106 @@ def make_portals(
     backend = make_backend(choice)
     cleanup_variant("nft" if isinstance(backend, IptcBackend) else "legacy")
     return PortalManager(backend=backend, config=config, full_sync_period=full_sync_period)
+
+
+@contextlib.asynccontextmanager
+async def prepared(settings: ProxySettings, run: RunOptions) -> AsyncIterator[UserProxy]:
+    """A proxy with its portals and its health and metrics servers, not yet started."""
+    portals = None
+    if run.portal_config is not None:
+        try:
+            portals = make_portals(run.portal_config, run.iptables_backend, settings.sync_period)
+        except RulesError as err:
+            raise StartupError(
+                f"cannot program iptables ({err}); run as root, or with --portals off"
+            ) from err
+    proxy = UserProxy(settings, proxy_name=run.proxy_name, portals=portals)
+    servers = Servers(
+        proxy,
+        healthz_address=run.healthz_address,
+        metrics_address=run.metrics_address,
+        configz=run.configz,
+    )
+    try:
+        await servers.start()
+    except ServerError as err:
+        if run.bind_address_hard_fail:
+            await servers.stop()
+            raise StartupError(str(err)) from err
+        log.error("Continuing without the server.", reason=str(err))
+    try:
+        yield proxy
+    finally:
+        await servers.stop()
+        if portals is not None and proxy.runner.sync_count == 0:
+            await portals.close()  # never started: UserProxy.stop() will not close them
+
+
+async def serve_manifests(settings: ProxySettings, path: Path, run: RunOptions) -> int:
+    """Serve the Services in `path` until cancelled, reloading when the files change."""
+    try:
+        async with prepared(settings, run) as proxy:
+            source = ManifestSource(path, proxy.router, on_change=proxy.runner.request)
+            try:
+                source.load()
+            except ManifestError as err:
+                log.error("Cannot read the manifests.", reason=str(err))
+                return 2
+            async with proxy:
+                log.info(
+                    "userproxy is running.",
+                    manifests=str(path),
+                    service_ports=len(proxy.service_ports()),
+                )
+                await source.watch()
+    except StartupError as err:
+        log.error("Cannot start.", reason=str(err))
+        return 1
+    return 0  # pragma: no cover - watch() only ends by cancellation
+
+
+async def serve_kubernetes(
+    settings: ProxySettings,
+    run: RunOptions,
+    *,
+    kubeconfig: str | None,
+    master: str | None,
+    use_endpoints: bool = False,
+) -> int:
+    """Follow the API server and serve its Services until cancelled."""
+    from kubernetes_asyncio.config import ConfigException
+
+    from userproxy.sources.kube import KubeSource, api_client
+
+    try:
+        api = await api_client(kubeconfig, master)
+    except (ConfigException, OSError, ValueError) as err:
+        log.error("Cannot configure the API client.", kubeconfig=kubeconfig, reason=str(err))
+        return 2
+    try:
+        async with prepared(settings, run) as proxy:
+            source = KubeSource(
+                api,
+                proxy.router,
+                on_change=proxy.runner.request,
+                proxy_name=run.proxy_name,
+                use_endpoints=use_endpoints,
+            )
+            # The first sync counts as queued from now: /healthz turns 503 if the API server
+            # cannot be listed within twice the sync period.
+            proxy.runner.request()
+            log.info("Listing Services and endpoints.", server=source.server)
+            await source.initial_list()
+            async with proxy:
+                log.info(
+                    "userproxy is running.",
+                    server=source.server,
+                    service_ports=len(proxy.service_ports()),
+                )
+                await source.watch()
+    except StartupError as err:
+        log.error("Cannot start.", reason=str(err))
+        return 1
+    finally:
+        await api.close()
+    return 0  # pragma: no cover - watch() only ends by cancellation

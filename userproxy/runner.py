@@ -36,12 +36,17 @@ class SyncRunner:
         self.queued_at: float | None = None
         #: Wall time the last sync completed successfully.
         self.synced_at: float | None = None
+        #: Wall time of the latest request (kube-proxy's last_queued_timestamp).
+        self.last_queued_at: float | None = None
         self.sync_count = 0
+        self.failures = 0
         self.on_synced: Callable[[float], None] = lambda duration: None
 
     def request(self) -> None:
+        now = self._wall()
+        self.last_queued_at = now
         if self.queued_at is None:
-            self.queued_at = self._wall()
+            self.queued_at = now
         self._wanted.set()
 
     async def run_forever(self) -> None:
@@ -70,6 +75,7 @@ class SyncRunner:
         except Exception:
             # Keep the request queued (health turns unhealthy if this persists) and retry.
             self.queued_at = covered if covered is not None else self._wall()
+            self.failures += 1
             self._wanted.set()
             log.exception("Sync failed; it will be retried.")
             return

@@ -7,6 +7,7 @@ deletion, or a full replacement of the object set, removes exactly that.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,10 @@ log = structlog.get_logger("userproxy.objects")
 
 ObjectKey = tuple[str, str, str]  # kind, namespace, name
 KINDS = ("Service", "EndpointSlice", "Endpoints")
+
+
+def _version(obj: Mapping[str, Any]) -> str:
+    return str((obj.get("metadata") or {}).get("resourceVersion") or "")
 
 
 def object_key(obj: Mapping[str, Any]) -> ObjectKey:
@@ -41,11 +46,19 @@ class ObjectRouter:
         #: (None: serve the Services that carry no such label, like kube-proxy).
         self.proxy_name = proxy_name
         self._routed: dict[ObjectKey, _Routed] = {}
+        #: resourceVersion of each object last routed, so a relist skips unchanged objects.
+        self._seen: dict[ObjectKey, str] = {}
         self.rejected = 0
+        #: Changes routed, per kind (kube-proxy's *_changes_total).
+        self.changes: Counter[str] = Counter()
 
     def upsert(self, obj: Mapping[str, Any], *, origin: str = "") -> bool:
         """Add or replace one object. Returns False (after logging why) if it was refused."""
         key = object_key(obj)
+        self.changes[key[0]] += 1
+        version = _version(obj)
+        if version:
+            self._seen[key] = version
         try:
             self._upsert(key, obj)
         except convert.InvalidObject as err:
@@ -100,23 +113,34 @@ class ObjectRouter:
         self.proxier.on_endpoints(result)
 
     def delete(self, key: ObjectKey) -> None:
+        self._seen.pop(key, None)
         routed = self._routed.pop(key, None)
         if routed is None:
             return
+        self.changes[key[0]] += 1
         if key[0] == "Service":
             self.proxier.on_service(routed.service, None)
         else:
             self.proxier.on_endpoints_deleted(routed.service, routed.source)
 
-    def replace_all(self, objects: Iterable[tuple[Mapping[str, Any], str]]) -> None:
-        """Make the routed set equal `objects` ((object, origin) pairs): the resync path."""
+    def replace_all(
+        self,
+        objects: Iterable[tuple[Mapping[str, Any], str]],
+        *,
+        kinds: Iterable[str] | None = None,
+    ) -> None:
+        """Make the routed set equal `objects` ((object, origin) pairs): the resync path.
+        With `kinds`, only objects of those kinds are replaced (one resource's relist)."""
+        scope = set(kinds) if kinds is not None else None
         wanted: dict[ObjectKey, tuple[Mapping[str, Any], str]] = {}
         for obj, origin in objects:
             wanted[object_key(obj)] = (obj, origin)
         for key in set(self._routed) - set(wanted):
-            self.delete(key)
-        for obj, origin in wanted.values():
-            self.upsert(obj, origin=origin)
+            if scope is None or key[0] in scope:
+                self.delete(key)
+        for key, (obj, origin) in wanted.items():
+            if self._seen.get(key) != _version(obj):
+                self.upsert(obj, origin=origin)
 
     @property
     def keys(self) -> set[ObjectKey]:

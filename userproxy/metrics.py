@@ -1,0 +1,179 @@
+"""Prometheus metrics: kube-proxy's sync series under their upstream names, and userproxy's
+own per service port and endpoint. Each proxy instance has its own registry, so embedded
+instances and tests never collide.
+
+Most series are read from the proxy's live state at scrape time (a collector) rather than
+updated on the hot path: the relay only bumps its plain integer counters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from userproxy.model import Protocol
+from userproxy.proxy.stats import snapshot
+
+if TYPE_CHECKING:
+    from userproxy.app import UserProxy
+
+#: kube-proxy's buckets: ExponentialBuckets(0.001, 2, 15).
+SYNC_BUCKETS = tuple(0.001 * 2**i for i in range(15))
+
+
+class Metrics:
+    def __init__(self, proxy: UserProxy, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.sync_duration = Histogram(
+            "kubeproxy_sync_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds",
+            buckets=SYNC_BUCKETS,
+            registry=self.registry,
+        )
+        self.healthz = Counter(
+            "kubeproxy_proxy_healthz",
+            "Cumulative proxy healthz HTTP status",
+            ["code"],
+            registry=self.registry,
+        )
+        self.livez = Counter(
+            "kubeproxy_proxy_livez",
+            "Cumulative proxy livez HTTP status",
+            ["code"],
+            registry=self.registry,
+        )
+        self.registry.register(_ProxyCollector(proxy))
+        previous: Callable[[float], None] = proxy.runner.on_synced
+
+        def synced(duration: float) -> None:
+            self.sync_duration.observe(duration)
+            previous(duration)
+
+        proxy.runner.on_synced = synced
+
+
+class _ProxyCollector(Collector):
+    def __init__(self, proxy: UserProxy) -> None:
+        self.proxy = proxy
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._sync_series()
+        yield from self._port_series()
+
+    def _sync_series(self) -> Iterator[Metric]:
+        runner, proxy = self.proxy.runner, self.proxy
+        last = GaugeMetricFamily(
+            "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+            "The last time proxy rules were successfully synced",
+        )
+        last.add_metric([], runner.synced_at or 0.0)
+        queued = GaugeMetricFamily(
+            "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+            "The last time a sync of proxy rules was queued",
+        )
+        queued.add_metric([], runner.last_queued_at or 0.0)
+        changes = proxy.router.changes
+        yield last
+        yield queued
+        yield _counter(
+            "kubeproxy_sync_proxy_rules_service_changes",
+            "Cumulative proxy rules Service changes",
+            changes["Service"],
+        )
+        yield _counter(
+            "kubeproxy_sync_proxy_rules_endpoint_changes",
+            "Cumulative proxy rules Endpoint changes",
+            changes["EndpointSlice"] + changes["Endpoints"],
+        )
+        yield _gauge(
+            "kubeproxy_sync_proxy_rules_service_changes_pending",
+            "Pending proxy rules Service changes",
+            proxy.proxier.tracker.pending,
+        )
+        # Endpoint changes reach the balancer at once: none ever wait for a sync.
+        yield _gauge(
+            "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+            "Pending proxy rules Endpoint changes",
+            0,
+        )
+        yield _counter(
+            "userproxy_sync_failures", "Syncs that failed and were retried", runner.failures
+        )
+        yield _counter(
+            "userproxy_objects_rejected",
+            "Objects or service ports refused as invalid",
+            proxy.router.rejected,
+        )
+
+    def _port_series(self) -> Iterator[Metric]:
+        labels = ["service_port", "protocol", "endpoint"]
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
+            "active": GaugeMetricFamily(
+                "userproxy_connections_active",
+                "Open connections (TCP) or live flows (UDP) per endpoint",
+                labels=labels,
+            ),
+            "total": CounterMetricFamily(
+                "userproxy_connections",
+                "Connections (TCP) or flows (UDP) relayed per endpoint",
+                labels=labels,
+            ),
+            "bytes_from_clients": CounterMetricFamily(
+                "userproxy_bytes_from_clients",
+                "Bytes relayed from clients to the endpoint",
+                labels=labels,
+            ),
+            "bytes_to_clients": CounterMetricFamily(
+                "userproxy_bytes_to_clients",
+                "Bytes relayed from the endpoint to clients",
+                labels=labels,
+            ),
+            "dial_failures": CounterMetricFamily(
+                "userproxy_dial_failures",
+                "Failed connection attempts to the endpoint",
+                labels=labels,
+            ),
+        }
+        flows = GaugeMetricFamily(
+            "userproxy_udp_flows_active", "Live UDP client flows", labels=labels
+        )
+        endpoints = GaugeMetricFamily(
+            "userproxy_endpoints", "Endpoints in rotation", labels=["service_port", "protocol"]
+        )
+        rejected = CounterMetricFamily(
+            "userproxy_rejected",
+            "Connections or datagrams turned away for lack of endpoints",
+            labels=["service_port", "protocol"],
+        )
+        balancer = self.proxy.proxier.balancer
+        for name, rt in sorted(self.proxy.proxier.runtimes.items()):
+            base = [str(name), rt.port.protocol.value]
+            endpoints.add_metric(base, len(balancer.endpoints(name)))
+            rejected.add_metric(base, rt.stats.rejected)
+            for ep, counters in rt.stats.endpoints.items():
+                c = snapshot(counters)
+                values = [*base, str(ep)]
+                for field, family in families.items():
+                    family.add_metric(values, getattr(c, field))
+                if rt.port.protocol is Protocol.UDP:
+                    flows.add_metric(values, c.active)
+        yield from families.values()
+        yield flows
+        yield endpoints
+        yield rejected
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc)
+    family.add_metric([], value)
+    return family
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, doc)
+    family.add_metric([], value)
+    return family

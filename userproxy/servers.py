@@ -1,0 +1,156 @@
+"""The health server (`--healthz-bind-address`, default 0.0.0.0:10256) and the metrics server
+(`--metrics-bind-address`, default 127.0.0.1:10249), on the proxy's own event loop.
+
+  health   /healthz /livez     kube-proxy's JSON {lastUpdated, currentTime[, nodeEligible]},
+                               200 or 503, X-Content-Type-Options: nosniff
+  metrics  /metrics            Prometheus text
+           /healthz            plain "ok" (the process answers)
+           /proxyMode          "userspace"
+           /configz            the effective configuration, JSON
+           /status             the served service ports and endpoints, JSON (`userproxy ls`)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from userproxy import health, status
+from userproxy.app import UserProxy
+from userproxy.metrics import Metrics
+
+log = structlog.get_logger("userproxy.servers")
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """`host:port`, `[v6]:port` or `:port` (all addresses)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ServerError(f"{address!r} is not host:port")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+class Servers:
+    def __init__(
+        self,
+        proxy: UserProxy,
+        *,
+        healthz_address: str = "0.0.0.0:10256",
+        metrics_address: str = "127.0.0.1:10249",
+        configz: Mapping[str, Any] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.proxy = proxy
+        self.metrics = Metrics(proxy)
+        self.healthz_address = healthz_address
+        self.metrics_address = metrics_address
+        self.configz = dict(configz or {})
+        self.clock = clock
+        #: What each server is bound to, once started (port 0 picks one).
+        self.bound: dict[str, tuple[str, int]] = {}
+        self._runners: list[web.AppRunner] = []
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        if self.healthz_address:
+            await self._serve("healthz", self.healthz_address, self._health_app())
+        if self.metrics_address:
+            await self._serve("metrics", self.metrics_address, self._metrics_app())
+
+    async def stop(self) -> None:
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners.clear()
+
+    async def _serve(self, name: str, address: str, app: web.Application) -> None:
+        host, port = split_address(address)
+        runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=0.5)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as err:
+            await runner.cleanup()
+            raise ServerError(f"cannot serve {name} on {address}: {err.strerror}") from err
+        self._runners.append(runner)
+        sockets = getattr(site._server, "sockets", None) or ()
+        self.bound[name] = sockets[0].getsockname()[:2] if sockets else (host, port)
+        log.info(f"Serving {name}.", address=f"{self.bound[name][0]}:{self.bound[name][1]}")
+
+    # ------------------------------------------------------------------ health
+    def health(self) -> health.Health:
+        runner, settings = self.proxy.runner, self.proxy.settings
+        return health.check(
+            queued_at=runner.queued_at,
+            synced_at=runner.synced_at,
+            now=self.clock(),
+            timeout=2 * settings.sync_period,
+        )
+
+    def _health_app(self) -> web.Application:
+        async def healthz(request: web.Request) -> web.Response:
+            verdict = self.health()
+            self.metrics.healthz.labels(str(verdict.code)).inc()
+            return _json(verdict.body(node_eligible=True), verdict.code)
+
+        async def livez(request: web.Request) -> web.Response:
+            verdict = self.health()
+            self.metrics.livez.labels(str(verdict.code)).inc()
+            return _json(verdict.body(), verdict.code)
+
+        app = web.Application()
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/livez", livez)
+        return app
+
+    # ------------------------------------------------------------------ metrics and status
+    def status(self) -> status.Status:
+        portals = self.proxy.portals
+        errors = getattr(portals, "node_port_errors", None)
+        return status.collect(self.proxy.proxier, errors)
+
+    def _metrics_app(self) -> web.Application:
+        async def metrics(request: web.Request) -> web.Response:
+            body = generate_latest(self.metrics.registry)
+            return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+        async def ok(request: web.Request) -> web.Response:
+            return web.Response(text="ok")
+
+        async def proxy_mode(request: web.Request) -> web.Response:
+            return web.Response(text="userspace")
+
+        async def configz(request: web.Request) -> web.Response:
+            return _json({"kubeproxy.config.k8s.io": self.configz}, 200)
+
+        async def status_view(request: web.Request) -> web.Response:
+            return _json(self.status(), 200)
+
+        app = web.Application()
+        app.router.add_get("/metrics", metrics)
+        app.router.add_get("/healthz", ok)
+        app.router.add_get("/proxyMode", proxy_mode)
+        app.router.add_get("/configz", configz)
+        app.router.add_get("/status", status_view)
+        return app
+
+
+def _json(body: Mapping[str, Any], code: int) -> web.Response:
+    return web.json_response(
+        body, status=code, headers={"X-Content-Type-Options": "nosniff"}, dumps=_dumps
+    )
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"))

@@ -1,0 +1,120 @@
+"""What a running proxy serves, as plain data (served as JSON for `userproxy ls`), and its
+rendering in the spirit of `ipvsadm -Ln`. Pure: the data is read from the proxy by the
+caller, the rendering takes the JSON form.
+
+    Prot VirtualAddress:Port        Service              ProxyPort  Scheduler
+      -> Endpoint                     ActiveConn  TotalConn     InBytes    OutBytes
+    TCP  10.96.0.10:80              default/web:http     40123      rr
+         NodePort 30080  LoadBalancer 10.96.100.1
+      -> 10.244.0.2:8080                       1         12        1284       48211
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from userproxy.model import ServicePort, ServicePortName
+from userproxy.proxier import Proxier
+from userproxy.proxy.stats import snapshot
+
+Status = dict[str, Any]
+
+
+def collect(proxier: Proxier, node_port_errors: dict[ServicePortName, str] | None = None) -> Status:
+    ports = []
+    for name, rt in sorted(proxier.runtimes.items()):
+        port = rt.port
+        current = set(proxier.balancer.endpoints(name))
+        endpoints = []
+        for ep, counters in sorted(rt.stats.endpoints.items()):
+            c = snapshot(counters)
+            if ep in current or c.active:
+                endpoints.append(
+                    {
+                        "address": str(ep),
+                        "active": c.active,
+                        "total": c.total,
+                        "bytes_from_clients": c.bytes_from_clients,
+                        "bytes_to_clients": c.bytes_to_clients,
+                        "dial_failures": c.dial_failures,
+                        "removed": ep not in current,
+                    }
+                )
+        for ep in sorted(current - set(rt.stats.endpoints)):
+            endpoints.append(
+                {
+                    "address": str(ep),
+                    "active": 0,
+                    "total": 0,
+                    "bytes_from_clients": 0,
+                    "bytes_to_clients": 0,
+                    "dial_failures": 0,
+                    "removed": False,
+                }
+            )
+        ports.append(
+            {
+                "name": str(name),
+                "protocol": port.protocol.value,
+                "cluster_ip": port.cluster_ip,
+                "port": port.port,
+                "node_port": port.node_port or None,
+                "node_port_error": (node_port_errors or {}).get(name),
+                "external_ips": list(port.external_ips),
+                "load_balancer_ips": list(port.load_balancer_ips),
+                "proxy_port": rt.proxy_port,
+                "session_affinity": _affinity(port),
+                "rejected": rt.stats.rejected,
+                "endpoints": endpoints,
+            }
+        )
+    failed = [{"name": str(n), "reason": r} for n, r in sorted(proxier.failed.items())]
+    return {"service_ports": ports, "failed": failed}
+
+
+def _affinity(port: ServicePort) -> str:
+    policy = port.affinity
+    return f"ClientIP {policy.timeout_s}s" if policy.client_ip else "None"
+
+
+def _vip(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def render(status: Status) -> str:
+    lines = [
+        f"{'Prot':<5}{'VirtualAddress:Port':<26}{'Service':<32}{'ProxyPort':>9}  Scheduler",
+        f"  -> {'Endpoint':<28}{'ActiveConn':>11}{'TotalConn':>11}{'InBytes':>12}{'OutBytes':>12}",
+    ]
+    for sp in status["service_ports"]:
+        scheduler = "rr" + (
+            f" persistent {sp['session_affinity'].split()[1]}"
+            if sp["session_affinity"] != "None"
+            else ""
+        )
+        lines.append(
+            f"{sp['protocol']:<5}{_vip(sp['cluster_ip'], sp['port']):<26}{sp['name']:<32}"
+            f"{sp['proxy_port']:>9}  {scheduler}"
+        )
+        extras = []
+        if sp["node_port"]:
+            extras.append(f"NodePort {sp['node_port']}")
+            if sp["node_port_error"]:
+                extras.append(f"(not served: {sp['node_port_error']})")
+        if sp["load_balancer_ips"]:
+            extras.append("LoadBalancer " + ",".join(sp["load_balancer_ips"]))
+        if sp["external_ips"]:
+            extras.append("externalIPs " + ",".join(sp["external_ips"]))
+        if extras:
+            lines.append("     " + "  ".join(extras))
+        if not sp["endpoints"]:
+            lines.append(f"  -> (no endpoints: refused; {sp['rejected']} turned away)")
+        for ep in sp["endpoints"]:
+            address = ep["address"] + (" (removed)" if ep["removed"] else "")
+            lines.append(
+                f"  -> {address:<28}{ep['active']:>11}{ep['total']:>11}"
+                f"{ep['bytes_from_clients']:>12}{ep['bytes_to_clients']:>12}"
+            )
+    for failed in status["failed"]:
+        lines.append(f"!    {failed['name']}: not served: {failed['reason']}")
+    return "\n".join(lines) + "\n"
