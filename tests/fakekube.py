@@ -318,7 +318,9 @@ class FakeKube:
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         await response.prepare(request)
         q = request.query
-        watcher = _Watcher(query, request.transport, q.get("allowWatchBookmarks") == "true")
+        watcher = _Watcher(
+            query, request.transport, q.get("allowWatchBookmarks", "").lower() in ("true", "1")
+        )
         rv = q.get("resourceVersion", "")
         if rv not in ("", "0") and int(rv) < self.oldest_rv:
             gone = status(410, "Expired", f"too old resource version: {rv} ({self.oldest_rv})")

@@ -17,7 +17,14 @@ from userproxy.objects import endpoint_slice, service
 
 USERPROXY = [sys.executable, "-m", "userproxy"]
 #: Keep root test runs away from the host's iptables: these tests never need portals.
-NO_ROOT_FLAGS = ["--portals", "off"]
+NO_ROOT_FLAGS = [
+    "--portals",
+    "off",
+    "--healthz-bind-address",
+    "127.0.0.1:0",
+    "--metrics-bind-address",
+    "127.0.0.1:0",
+]
 
 
 def cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:

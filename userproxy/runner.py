@@ -40,7 +40,14 @@ class SyncRunner:
         self.last_queued_at: float | None = None
         self.sync_count = 0
         self.failures = 0
+        self._in_flight: float | None = None
         self.on_synced: Callable[[float], None] = lambda duration: None
+
+    @property
+    def pending_since(self) -> float | None:
+        """Wall time of the oldest update not yet applied (queued, or being synced now)."""
+        times = [t for t in (self._in_flight, self.queued_at) if t is not None]
+        return min(times) if times else None
 
     def request(self) -> None:
         now = self._wall()
@@ -70,15 +77,19 @@ class SyncRunner:
         self._wanted.clear()
         covered = self.queued_at
         self.queued_at = None
+        # While the sync runs, what it covers is still pending (for health: a hung sync).
+        self._in_flight = covered if covered is not None else self._wall()
         try:
             await self._sync()
         except Exception:
             # Keep the request queued (health turns unhealthy if this persists) and retry.
             self.queued_at = covered if covered is not None else self._wall()
             self.failures += 1
+            self._in_flight = None
             self._wanted.set()
             log.exception("Sync failed; it will be retried.")
             return
+        self._in_flight = None
         self.synced_at = self._wall()
         self.sync_count += 1
         self.on_synced(loop.time() - self._last_start)

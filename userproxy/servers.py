@@ -92,7 +92,7 @@ class Servers:
     def health(self) -> health.Health:
         runner, settings = self.proxy.runner, self.proxy.settings
         return health.check(
-            queued_at=runner.queued_at,
+            queued_at=runner.pending_since,
             synced_at=runner.synced_at,
             now=self.clock(),
             timeout=2 * settings.sync_period,
