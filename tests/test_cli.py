@@ -39,7 +39,7 @@ def cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
         (["--udp-timeout", "0"], "udp-timeout must be greater than zero"),
         (["--udp-timeout", "fast"], "invalid duration"),
         (["--proxy-port-range", "9-2"], "invalid port range"),
-        ([], "give --manifests"),
+        ([], "give --manifests PATH, --kubeconfig FILE or --master URL"),
     ],
 )
 def test_bad_flags_exit_with_a_clear_message(args: list[str], message: str) -> None:
@@ -184,3 +184,37 @@ async def test_slow_reader_does_not_grow_proxy_memory(run_proxy: Callable[..., o
     assert received == total
     print(f"proxy RSS growth during 256 MiB to a slow reader: {(peak - baseline) / 1024:.1f} MiB")
     assert (peak - baseline) < 16 * 1024, f"RSS grew by {(peak - baseline) / 1024:.1f} MiB"
+
+
+def test_config_file_flags_override_it_and_write_config_to(tmp_path: Path) -> None:
+    source = tmp_path / "kube-proxy.yaml"
+    source.write_text(
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\n"
+        "kind: KubeProxyConfiguration\n"
+        "bindAddress: 10.0.0.5\n"
+        "udpIdleTimeout: 2s\n"
+        "iptables: {syncPeriod: 1m0s, minSyncPeriod: 2s}\n"
+        "ipvs: {scheduler: rr}\n"
+    )
+    written = tmp_path / "effective.yaml"
+    result = cli(
+        "run", "--config", str(source), "--udp-timeout", "5s", "--write-config-to", str(written)
+    )
+    assert result.returncode == 0, result.stderr
+    effective = yaml.safe_load(written.read_text())
+    assert effective["kind"] == "KubeProxyConfiguration"
+    assert effective["bindAddress"] == "10.0.0.5"  # from the file
+    assert effective["udpIdleTimeout"] == "5s"  # the flag wins
+    assert effective["iptables"] == {"syncPeriod": "60s", "minSyncPeriod": "2s"}
+    assert effective["healthzBindAddress"] == "0.0.0.0:10256"  # a default
+
+
+def test_a_bad_config_file_names_the_field(tmp_path: Path) -> None:
+    source = tmp_path / "kube-proxy.yaml"
+    source.write_text(
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n"
+        "iptables: {syncPeriod: sometimes}\n"
+    )
+    result = cli("run", "--config", str(source), "--manifests", str(tmp_path))
+    assert result.returncode == 2
+    assert "iptables.syncPeriod: invalid duration 'sometimes'" in result.stderr
