@@ -147,11 +147,13 @@ async def test_follows_the_api_through_outages(
     writer.write(b"ping\n")
     assert await reader.readline() == b"ping\n"
     await fake.start(port=port)
-    await until(reaches(userproxy, "default/web:http", "pod2"), 10, "convergence after outage")
-    assert await userproxy.proxy_port("default/late:http") is not None
-    writer.write(b"pong\n")
-    assert await reader.readline() == b"pong\n"
-    writer.close()
+    try:
+        await until(reaches(userproxy, "default/web:http", "pod2"), 10, "convergence")
+        await until(lambda: _served(userproxy, "default/late:http"), 8, "a service added meanwhile")
+        writer.write(b"pong\n")
+        assert await reader.readline() == b"pong\n"
+    finally:
+        writer.close()
 
     # A 410 inside open watches, after changes they never saw: a relist finds them.
     blind = set(fake.watchers)
@@ -189,6 +191,10 @@ async def test_unreachable_api_at_startup_serves_nothing_and_reports_it(
     assert not await _running(userproxy)
     fake.faults.clear()
     await until(lambda: _running(userproxy), 10, "startup once the API answers")
+
+
+async def _served(proxy: Running, name: str) -> bool:
+    return await proxy.proxy_port(name) is not None
 
 
 async def _has(proxy: Running, event: str) -> bool:

@@ -117,11 +117,15 @@ class Timeouts:
     #: A LIST must complete within this.
     request: float = 60.0
     backoff_initial: float = 0.5
-    backoff_max: float = 30.0
+    #: Low on purpose: after an outage a node converges within this (client-go's 30 s cap
+    #: would leave it serving stale state for half a minute); two requests per node per 5 s
+    #: are nothing for an API server.
+    backoff_max: float = 5.0
 
 
 class Backoff:
-    """Jittered exponential backoff: 0.5 s, 1 s, 2 s, ... capped, each +-50% random."""
+    """Jittered exponential backoff: 0.5 s, 1 s, 2 s, ... capped, each +-50% random (so a
+    fleet of nodes does not hammer a recovering API server in step)."""
 
     def __init__(self, initial: float, cap: float) -> None:
         self.initial, self.cap = initial, cap
