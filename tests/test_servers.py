@@ -164,3 +164,13 @@ def test_ls_explains_when_no_proxy_answers() -> None:
         timeout=30,
     )
     assert result.returncode == 1 and "is userproxy running" in result.stderr
+
+
+async def test_an_empty_address_disables_a_server() -> None:
+    proxy = UserProxy(loopback_settings())
+    servers = Servers(proxy, healthz_address="", metrics_address="127.0.0.1:0")
+    await servers.start()
+    try:
+        assert set(servers.bound) == {"metrics"}
+    finally:
+        await servers.stop()

@@ -254,3 +254,35 @@ def test_rbac_calls_are_list_and_watch_only() -> None:
         ("discovery.k8s.io", "endpointslices", "watch"),
     ]
     assert ("", "endpoints", "watch") in kube.api_calls(use_endpoints=True)
+
+
+async def test_core_v1_endpoints_for_old_clusters(
+    fake: FakeKube, tmp_path: Path, backends: list[TcpBackend]
+) -> None:
+    fake.apply(web())
+    fake.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Endpoints",
+            "metadata": {"name": "web", "namespace": "default"},
+            "subsets": [
+                {
+                    "addresses": [{"ip": "127.0.0.1"}],
+                    "ports": [{"name": "http", "port": backends[1].port}],
+                }
+            ],
+        }
+    )
+    proxy = UserProxy(loopback_settings())
+    api = await kube.api_client(str(fake.kubeconfig(tmp_path / "kubeconfig")), None)
+    source = kube.KubeSource(
+        api, proxy.router, on_change=proxy.runner.request, use_endpoints=True, timeouts=FAST
+    )
+    await source.initial_list()
+    await proxy.start()
+    try:
+        assert await tcp_name(proxy.proxy_port(WEB)) == "pod2"
+        assert fake.count("list", "endpoints") == 1 and fake.count("list", "endpointslices") == 0
+    finally:
+        await proxy.stop()
+        await source.close()
