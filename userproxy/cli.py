@@ -203,6 +203,7 @@ def run(ctx: click.Context, /, **options: Any) -> None:
     logs.configure(verbosity=options["verbosity"], fmt=options["log_format"])
     if options["cleanup"]:
         sys.exit(do_cleanup())
+    raise_open_files_limit()
     try:
         options = merge_config_file(ctx, options)
         if options["write_config_to"] is not None:
@@ -241,6 +242,17 @@ def run(ctx: click.Context, /, **options: Any) -> None:
         use_endpoints=options["use_endpoints"],
     )
     sys.exit(run_async(job))
+
+
+def raise_open_files_limit() -> None:
+    """Every service port holds a listening socket and every connection two: lift the soft
+    limit on open files to the hard one, as kube-proxy does (a node with 10,000 service
+    ports needs more than the usual 1,024)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def merge_config_file(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any]:

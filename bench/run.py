@@ -1,0 +1,557 @@
+"""The data-plane and control-plane benchmark: userproxy beside its peers, in one interleaved run.
+
+    sudo python3 bench/run.py            # about 6 minutes; results in bench/results/
+
+Topology (bench/netns.py): client -> proxy node -> two backend namespaces, all sealed. Peers:
+  none            the client talks to a backend directly (routed through the node)
+  kernel DNAT     iptables DNAT on the node, statistic-random over the backends (the limit)
+  haproxy         HAProxy 2.6, mode tcp, its defaults, one thread
+  haproxy-tuned   the same with forced splice both ways (splice-request/response), one thread
+  userproxy       `userproxy run --kubeconfig` (the fake API server), portals on, one process
+Workloads: iperf3 TCP bulk 1 and 8 streams; wrk new connections (Connection: close) and
+keep-alive requests with p50/p99 (nginx backends); 64-byte echo round trips; iperf3 UDP
+64-byte datagrams at a fixed offered rate (pps received, loss); proxy RSS per idle connection
+(3,000 held open). Each round runs every workload for every peer, peers in rotating order;
+medians over the rounds. Control plane (userproxy): time and RSS to serve 1,000 and 10,000
+service ports (listeners and rules), and the delay from an endpoint change in the API to new
+connections using it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.netns import BACKENDS, NODE_CLIENT_SIDE, Topology, rss_kib  # noqa: E402
+from tests.fakekube import FakeKube  # noqa: E402
+from userproxy.objects import endpoint_slice, service  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+PEERS = ["none", "kernel DNAT", "haproxy", "haproxy-tuned", "userproxy"]
+UDP_PEERS = ["none", "kernel DNAT", "userproxy"]
+WEB, ECHO, IPERF = 80, 7, 5201
+UDP_RATE_PPS = 100_000
+IDLE_CONNECTIONS = 3000
+TARGETS: dict[str, dict[str, tuple[str, int]]] = {
+    "none": {"web": (BACKENDS["be1"], WEB), "echo": (BACKENDS["be1"], ECHO),
+             "iperf": (BACKENDS["be1"], IPERF)},
+    "kernel DNAT": {"web": ("10.97.0.10", WEB), "echo": ("10.97.0.11", ECHO),
+                    "iperf": ("10.97.0.12", IPERF)},
+    "haproxy": {"web": (NODE_CLIENT_SIDE, 8080), "echo": (NODE_CLIENT_SIDE, 8007),
+                "iperf": (NODE_CLIENT_SIDE, 5301)},
+    "haproxy-tuned": {"web": (NODE_CLIENT_SIDE, 9080), "echo": (NODE_CLIENT_SIDE, 9007),
+                      "iperf": (NODE_CLIENT_SIDE, 5401)},
+    "userproxy": {"web": ("10.96.0.10", WEB), "echo": ("10.96.0.11", ECHO),
+                  "iperf": ("10.96.0.12", IPERF)},
+}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- setup
+NGINX = """
+worker_processes 1; daemon off; pid {dir}/nginx.pid; error_log {dir}/error.log;
+events {{ worker_connections 16384; }}
+http {{
+  access_log off; keepalive_requests 100000000; keepalive_timeout 300s;
+  client_body_temp_path {dir}; proxy_temp_path {dir}; fastcgi_temp_path {dir};
+  uwsgi_temp_path {dir}; scgi_temp_path {dir};
+  server {{ listen 80 backlog=4096 reuseport; location / {{ return 200 "{name}\\n"; }} }}
+}}
+"""
+
+HAPROXY = """
+global
+  nbthread 1
+  maxconn 4000
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 300s
+  timeout server 300s
+{extra}
+frontend web
+  bind {node}:{web}
+  default_backend web
+backend web
+  balance roundrobin
+  server be1 {be1}:80
+  server be2 {be2}:80
+frontend echo
+  bind {node}:{echo}
+  default_backend echo
+backend echo
+  balance roundrobin
+  server be1 {be1}:7
+  server be2 {be2}:7
+frontend iperf
+  bind {node}:{iperf}
+  default_backend iperf
+backend iperf
+  server be1 {be1}:5201
+"""
+
+
+class Bench:
+    def __init__(self, topo: Topology, work: Path) -> None:
+        self.topo = topo
+        self.work = work
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.pids: dict[str, list[int]] = {}
+        self.fake = FakeKube()
+
+    def spawn(self, where: str, *argv: str, ready: str | None = None) -> subprocess.Popen[bytes]:
+        proc = self.topo.spawn(
+            where, *argv, stdout=subprocess.PIPE if ready else subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        self.procs.append(proc)
+        if ready:
+            assert proc.stdout is not None
+            line = proc.stdout.readline().decode()
+            assert ready in line, f"{argv[0]} did not start: {line!r}"
+        return proc
+
+    def start_backends(self) -> None:
+        for be in BACKENDS:
+            d = self.work / be
+            d.mkdir()
+            conf = d / "nginx.conf"
+            conf.write_text(NGINX.format(dir=d, name=be))
+            self.spawn(be, "nginx", "-c", str(conf))
+            self.spawn(
+                be, sys.executable, str(ROOT / "bench" / "echo.py"), str(ECHO), ready="ready"
+            )
+        self.spawn("be1", "iperf3", "-s", "-p", str(IPERF))
+        time.sleep(0.5)
+
+    def start_dnat(self) -> None:
+        be1, be2 = BACKENDS["be1"], BACKENDS["be2"]
+        rules = ["*nat", ":BENCH-DNAT - [0:0]", "-A PREROUTING -j BENCH-DNAT"]
+        for vip, port in (("10.97.0.10", WEB), ("10.97.0.11", ECHO)):
+            match = f"-A BENCH-DNAT -d {vip}/32 -p tcp -m tcp --dport {port}"
+            rules += [
+                f"{match} -m statistic --mode random --probability 0.5 -j DNAT "
+                f"--to-destination {be1}:{port}",
+                f"{match} -j DNAT --to-destination {be2}:{port}",
+            ]
+        for proto in ("tcp", "udp"):
+            rules.append(f"-A BENCH-DNAT -d 10.97.0.12/32 -p {proto} -m {proto} --dport {IPERF} "
+                         f"-j DNAT --to-destination {be1}:{IPERF}")  # fmt: skip
+        rules.append("COMMIT")
+        subprocess.run(self.topo.argv("node", "iptables-nft-restore", "--noflush"),
+                       input="\n".join(rules) + "\n", text=True, check=True)  # fmt: skip
+
+    def start_haproxy(self) -> None:
+        for name, web, echo, iperf, extra in (
+            ("haproxy", 8080, 8007, 5301, ""),
+            (
+                "haproxy-tuned",
+                9080,
+                9007,
+                5401,
+                "  option splice-request\n  option splice-response",
+            ),
+        ):
+            conf = self.work / f"{name}.cfg"
+            be1, be2 = BACKENDS["be1"], BACKENDS["be2"]
+            text = HAPROXY.format(extra=extra, node=NODE_CLIENT_SIDE, web=web, echo=echo,
+                                  iperf=iperf, be1=be1, be2=be2)  # fmt: skip
+            conf.write_text(text)
+            proc = self.spawn("node", "haproxy", "-f", str(conf), "-db")
+            self.pids[name] = [proc.pid]
+        time.sleep(0.5)
+
+    async def start_userproxy(self) -> None:
+        sock = self.topo.call("node", lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+        sock.bind(("127.0.0.1", 0))
+        await self.fake.start(sock=sock)
+        be = list(BACKENDS.values())
+        self.fake.apply(service("web", cluster_ip="10.96.0.10", ports=[("http", WEB)]))
+        self.fake.apply(endpoint_slice("web", addresses=be, ports=[("http", WEB)]))
+        self.fake.apply(service("echo", cluster_ip="10.96.0.11", ports=[("echo", ECHO)]))
+        self.fake.apply(endpoint_slice("echo", addresses=be, ports=[("echo", ECHO)]))
+        self.fake.apply(service("iperf", cluster_ip="10.96.0.12",
+                                ports=[("tcp", IPERF), ("udp", IPERF, "UDP")]))  # fmt: skip
+        self.fake.apply(endpoint_slice("iperf", addresses=be[:1],
+                                       ports=[("tcp", IPERF), ("udp", IPERF, "UDP")]))  # fmt: skip
+        kubeconfig = self.fake.kubeconfig(self.work / "kubeconfig")
+        proc = self.topo.spawn(
+            "node", sys.executable, "-m", "userproxy", "run", "--kubeconfig", str(kubeconfig),
+            "--iptables-backend", "nft", "--iptables-min-sync-period", "0s",
+            "--log-format", "json", stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        self.procs.append(proc)
+        self.pids["userproxy"] = [proc.pid]
+        await asyncio.to_thread(wait_running, proc)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def wait_running(proc: subprocess.Popen[bytes], timeout: float = 120) -> float:
+    """Read userproxy's JSON log until it is running; returns the seconds that took."""
+    started = time.monotonic()
+    assert proc.stderr is not None
+    while time.monotonic() - started < timeout:
+        line = proc.stderr.readline()
+        if not line:
+            raise RuntimeError("userproxy exited during startup")
+        if json.loads(line).get("event") == "userproxy is running.":
+            took = time.monotonic() - started
+            # Keep draining the log so the process never blocks on a full pipe.
+            threading.Thread(target=proc.stderr.read, daemon=True).start()
+            return took
+    raise RuntimeError("userproxy did not start in time")
+
+
+# ----------------------------------------------------------------------------- workloads
+def iperf(b: Bench, *args: str) -> dict[str, Any]:
+    """iperf3 -J, retried while the server is still busy with the previous test."""
+    for attempt in range(5):
+        proc = subprocess.run(b.topo.argv("cli", "iperf3", "-J", *args), capture_output=True,
+                              text=True, timeout=60, check=False)  # fmt: skip
+        result: dict[str, Any] = json.loads(proc.stdout or "{}")
+        if "error" not in result and proc.returncode == 0:
+            return result
+        time.sleep(0.5 * (attempt + 1))
+    raise RuntimeError(f"iperf3 {' '.join(args)}: {result.get('error', proc.stderr)}")
+
+
+def iperf_tcp(b: Bench, peer: str, streams: int) -> dict[str, float]:
+    host, port = TARGETS[peer]["iperf"]
+    result = iperf(b, "-c", host, "-p", str(port), "-t", "3", "-P", str(streams))
+    return {f"tcp{streams}_gbps": result["end"]["sum_received"]["bits_per_second"] / 1e9}
+
+
+def iperf_udp(b: Bench, peer: str) -> dict[str, float]:
+    host, port = TARGETS[peer]["iperf"]
+    rate = UDP_RATE_PPS * 64 * 8
+    result = iperf(b, "-u", "-c", host, "-p", str(port), "-t", "3", "-l", "64", "-b", str(rate))
+    s = result["end"]["sum"]
+    received = s["packets"] - s["lost_packets"]
+    return {"udp_kpps": received / s["seconds"] / 1000, "udp_loss_pct": s["lost_percent"]}
+
+
+_UNITS = {"us": 1.0, "ms": 1000.0, "s": 1e6}
+
+
+def _micros(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    assert m, text
+    return float(m[1]) * _UNITS[m[2]]
+
+
+def wrk(b: Bench, peer: str, *, keepalive: bool) -> dict[str, float]:
+    host, port = TARGETS[peer]["web"]
+    args = ["wrk", "-t1", "-c32", "-d3s", "--latency", f"http://{host}:{port}/"]
+    if not keepalive:
+        args[1:1] = ["-H", "Connection: close"]
+    out = b.topo.run("cli", *args, timeout=60)
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])  # type: ignore[index]
+    if not keepalive:
+        return {"new_conn_per_s": rate}
+    p50 = _micros(re.search(r"\s50%\s+(\S+)", out)[1])  # type: ignore[index]
+    p99 = _micros(re.search(r"\s99%\s+(\S+)", out)[1])  # type: ignore[index]
+    return {"keepalive_rps": rate, "keepalive_p50_us": p50, "keepalive_p99_us": p99}
+
+
+def echo_rtt(b: Bench, peer: str, rounds: int = 3000) -> dict[str, float]:
+    host, port = TARGETS[peer]["echo"]
+
+    def measure() -> list[float]:
+        with socket.create_connection((host, port), timeout=5) as s:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            payload, times = b"x" * 64, []
+            for _ in range(rounds):
+                t = time.perf_counter_ns()
+                s.sendall(payload)
+                got = 0
+                while got < 64:
+                    got += len(s.recv(64 - got))
+                times.append((time.perf_counter_ns() - t) / 1000)
+            return times
+
+    times = sorted(b.topo.call("cli", measure))
+    return {"echo_p50_us": times[len(times) // 2], "echo_p99_us": times[int(len(times) * 0.99)]}
+
+
+def idle_memory(b: Bench, peer: str) -> dict[str, float]:
+    host, port = TARGETS[peer]["echo"]
+    pids = b.pids.get(peer)
+    if not pids:
+        return {}
+    before = sum(rss_kib(p) for p in pids)
+
+    def hold() -> list[socket.socket]:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (20000, 20000))
+        socks = []
+        for _ in range(IDLE_CONNECTIONS):
+            s = socket.create_connection((host, port), timeout=5)
+            socks.append(s)
+        for s in socks[:: IDLE_CONNECTIONS // 20]:  # the relays are really up
+            s.sendall(b"x")
+            assert s.recv(1) == b"x"
+        return socks
+
+    socks = b.topo.call("cli", hold)
+    time.sleep(1.0)
+    after = sum(rss_kib(p) for p in pids)
+    for s in socks:
+        s.close()
+    time.sleep(1.0)
+    return {"idle_kib_per_conn": (after - before) / IDLE_CONNECTIONS}
+
+
+WORKLOADS: dict[str, Callable[[Bench, str], dict[str, float]]] = {
+    "tcp1": lambda b, p: iperf_tcp(b, p, 1),
+    "tcp8": lambda b, p: iperf_tcp(b, p, 8),
+    "newconn": lambda b, p: wrk(b, p, keepalive=False),
+    "keepalive": lambda b, p: wrk(b, p, keepalive=True),
+    "echo": echo_rtt,
+    "udp": iperf_udp,
+}
+
+
+# ----------------------------------------------------------------------------- control plane
+async def control_plane(work: Path, sizes: list[int]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for size in sizes:
+        topo = Topology(f"upb{os.getpid() % 100000}c{size}")
+        name = topo.ns["node"]
+        await asyncio.to_thread(subprocess.run, ["ip", "netns", "add", name], check=True)
+        topo.run("node", "ip", "link", "set", "lo", "up")
+        fake = FakeKube(history=4 * size)
+        try:
+            sock = topo.call("node", lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind(("127.0.0.1", 0))
+            await fake.start(sock=sock)
+            for i in range(size):
+                ip = f"10.{100 + i // 65000}.{i // 250 % 256}.{i % 250 + 1}"
+                fake.apply(service(f"s{i}", cluster_ip=ip, ports=[("http", 80)]))
+                fake.apply(endpoint_slice(f"s{i}", addresses=["10.0.2.2"], ports=[("http", 80)]))
+            proc = topo.spawn(
+                "node", sys.executable, "-m", "userproxy", "run",
+                "--kubeconfig", str(fake.kubeconfig(work / f"kc{size}")),
+                "--iptables-backend", "nft", "--log-format", "json",
+                "--healthz-bind-address", "", "--metrics-bind-address", "",
+                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+            )  # fmt: skip
+            try:
+                took = await asyncio.to_thread(wait_running, proc, 300)
+                out[f"ports{size}_s"] = took
+                out[f"ports{size}_rss_mib"] = rss_kib(proc.pid) / 1024
+                rules = topo.run("node", "iptables-nft-save", "-t", "nat").count(
+                    "\n-A KUBE-PORTALS-"
+                )
+                assert rules >= 2 * size, f"only {rules} portal rules for {size} ports"
+            finally:
+                proc.terminate()
+                proc.wait(30)
+        finally:
+            await fake.stop()
+            await asyncio.to_thread(subprocess.run, ["ip", "netns", "del", name], check=False)
+    return out
+
+
+async def endpoint_change_delay(b: Bench, repeats: int = 5) -> dict[str, float]:
+    """Move the web service's only endpoint between backends through the API; the time until
+    a new connection reaches the new one."""
+    host, port = TARGETS["userproxy"]["web"]
+
+    def get() -> str:
+        with socket.create_connection((host, port), timeout=2) as s:
+            s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            data = b""
+            while chunk := s.recv(4096):
+                data += chunk
+        return data.decode().rsplit("\n", 2)[-2].strip()
+
+    def first_answer_from(name: str, deadline: float) -> float:
+        while time.monotonic() < deadline:
+            if get() == name:
+                return time.monotonic()
+        raise RuntimeError(f"{name} never answered")
+
+    delays = []
+    for i in range(repeats + 1):
+        target = "be1" if i % 2 else "be2"
+        started = time.monotonic()
+        b.fake.apply(endpoint_slice("web", addresses=[BACKENDS[target]], ports=[("http", WEB)]))
+        probe = functools.partial(first_answer_from, target, started + 5)
+        seen = await asyncio.to_thread(b.topo.call, "cli", probe)
+        if i:  # the first move also warms the path up
+            delays.append((seen - started) * 1000)
+    b.fake.apply(endpoint_slice("web", addresses=list(BACKENDS.values()), ports=[("http", WEB)]))
+    return {"endpoint_change_ms": statistics.median(delays)}
+
+
+# ----------------------------------------------------------------------------- report
+METRICS = [  # key, header, format, higher is better
+    ("tcp1_gbps", "TCP 1 stream Gbit/s", "{:.1f}", True),
+    ("tcp8_gbps", "TCP 8 streams Gbit/s", "{:.1f}", True),
+    ("new_conn_per_s", "new conn/s", "{:,.0f}", True),
+    ("keepalive_rps", "keep-alive req/s", "{:,.0f}", True),
+    ("keepalive_p50_us", "keep-alive p50 us", "{:.0f}", False),
+    ("keepalive_p99_us", "keep-alive p99 us", "{:.0f}", False),
+    ("echo_p50_us", "64 B echo RTT p50 us", "{:.0f}", False),
+    ("udp_kpps", f"UDP kpps ({UDP_RATE_PPS // 1000} offered)", "{:.0f}", True),
+    ("udp_loss_pct", "UDP loss %", "{:.1f}", False),
+    ("idle_kib_per_conn", "idle KiB/conn", "{:.2f}", False),
+]
+
+
+def report(medians: dict[str, dict[str, float]], control: dict[str, float], rounds: int) -> str:
+    lines = [f"Medians of {rounds} interleaved rounds, one run, this machine "
+             f"({os.cpu_count()} cores). Every proxy runs one thread/process.", ""]  # fmt: skip
+    lines.append("| peer | " + " | ".join(h for _, h, _, _ in METRICS) + " |")
+    lines.append("|---|" + "---:|" * len(METRICS))
+    for peer in PEERS:
+        cells = []
+        for key, _, fmt, _ in METRICS:
+            value = medians[peer].get(key)
+            cells.append("-" if value is None else fmt.format(value))
+        lines.append(f"| {peer} | " + " | ".join(cells) + " |")
+    up, none = medians["userproxy"], medians["none"]
+    best_haproxy = {
+        key: (max if better else min)(
+            medians[p][key] for p in ("haproxy", "haproxy-tuned") if key in medians[p]
+        )
+        for key, _, _, better in METRICS
+        if all(key in medians[p] for p in ("haproxy", "haproxy-tuned"))
+    }
+    lines += ["", "userproxy against its targets (ratios from this run):", "",
+              "| target | measured | met |", "|---|---:|:---:|"]  # fmt: skip
+
+    def row(name: str, value: float, ok: bool, fmt: str = "{:.2f}x") -> None:
+        lines.append(f"| {name} | {fmt.format(value)} | {'yes' if ok else 'no'} |")
+
+    row("TCP bulk 1 stream >= 0.8x no proxy", up["tcp1_gbps"] / none["tcp1_gbps"],
+        up["tcp1_gbps"] >= 0.8 * none["tcp1_gbps"])  # fmt: skip
+    for key, label in (("new_conn_per_s", "new conn/s"), ("keepalive_rps", "keep-alive req/s")):
+        ratio = up[key] / best_haproxy[key]
+        row(f"{label} >= better HAProxy", ratio, ratio >= 1)
+    rtt = best_haproxy["echo_p50_us"] / up["echo_p50_us"]
+    row("echo RTT <= better HAProxy (their RTT / ours)", rtt, rtt >= 1)
+    udp = up["udp_kpps"] / none["udp_kpps"]
+    row("UDP pps >= 0.8x no proxy", udp, udp >= 0.8)
+    if "idle_kib_per_conn" in up:
+        row("<= 2.5 KiB per idle connection", up["idle_kib_per_conn"],
+            up["idle_kib_per_conn"] <= 2.5, "{:.2f} KiB")  # fmt: skip
+    for size in (1000, 10000):
+        if f"ports{size}_s" in control:
+            row(f"{size:,} service ports up (listeners + rules)", control[f"ports{size}_s"],
+                control[f"ports{size}_s"] <= 2 or size < 10000, "{:.2f} s")  # fmt: skip
+            row(f"{size:,} service ports RSS", control[f"ports{size}_rss_mib"],
+                control[f"ports{size}_rss_mib"] <= 300, "{:.0f} MiB")  # fmt: skip
+    if "endpoint_change_ms" in control:
+        row("endpoint change -> new connections <= 50 ms", control["endpoint_change_ms"],
+            control["endpoint_change_ms"] <= 50, "{:.1f} ms")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def chart(medians: dict[str, dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [("tcp1_gbps", True), ("tcp8_gbps", True), ("new_conn_per_s", True),
+            ("keepalive_rps", True), ("echo_p50_us", False), ("udp_kpps", True)]  # fmt: skip
+    labels = ["TCP 1", "TCP 8", "new conn/s", "keep-alive", "echo (1/RTT)", "UDP pps"]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    width = 0.8 / len(PEERS)
+    for i, peer in enumerate(PEERS):
+        values = []
+        for key, higher in keys:
+            v, base = medians[peer].get(key), medians["none"][key]
+            values.append(0 if v is None else (v / base if higher else base / v))
+        ax.bar([x + i * width for x in range(len(keys))], values, width, label=peer)
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(keys))], labels)
+    ax.set_ylabel("relative to no proxy (higher is better)")
+    ax.legend(ncol=5, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 1.12))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# ----------------------------------------------------------------------------- main
+async def main(args: argparse.Namespace) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    samples: dict[str, dict[str, list[float]]] = {p: {} for p in PEERS}
+    control: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="userproxy-bench-") as tmp:
+        work = Path(tmp)
+        topo = Topology().create()
+        bench = Bench(topo, work)
+        try:
+            bench.start_backends()
+            bench.start_dnat()
+            bench.start_haproxy()
+            await bench.start_userproxy()
+            for r in range(args.rounds):
+                for w, (name, workload) in enumerate(WORKLOADS.items()):
+                    peers = UDP_PEERS if name == "udp" else PEERS
+                    shift = (r + w) % len(peers)
+                    for peer in peers[shift:] + peers[:shift]:
+                        result = await asyncio.to_thread(workload, bench, peer)
+                        for key, value in result.items():
+                            samples[peer].setdefault(key, []).append(value)
+                print(f"round {r + 1}/{args.rounds} done at {time.monotonic() - started:.0f}s",
+                      flush=True)  # fmt: skip
+            for peer in ("haproxy", "haproxy-tuned", "userproxy"):
+                for key, value in (await asyncio.to_thread(idle_memory, bench, peer)).items():
+                    samples[peer].setdefault(key, []).append(value)
+            control.update(await endpoint_change_delay(bench))
+        finally:
+            bench.stop()
+            await bench.fake.stop()
+            topo.destroy()
+        control.update(await control_plane(work, [int(s) for s in args.ports.split(",")]))
+    medians = {p: {k: statistics.median(v) for k, v in m.items()} for p, m in samples.items()}
+    text = report(medians, control, args.rounds)
+    text += (
+        "\nControl plane (userproxy, nft portals): "
+        + ", ".join(f"{k} = {v:.2f}" for k, v in control.items())
+        + f"\n\nTotal benchmark time: {time.monotonic() - started:.0f} s.\n"
+    )
+    (RESULTS / "results.md").write_text(text)
+    (RESULTS / "results.json").write_text(
+        json.dumps({"medians": medians, "samples": samples, "control": control}, indent=2)
+    )
+    chart(medians, RESULTS / "chart.png")
+    print(text)
+
+
+if __name__ == "__main__":
+    if os.geteuid() != 0:
+        sys.exit("bench/run.py needs root (it builds network namespaces)")
+    parser = argparse.ArgumentParser(description="userproxy beside its peers")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--ports", default="1000,10000", help="control-plane sizes")
+    asyncio.run(main(parser.parse_args()))
