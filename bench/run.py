@@ -191,8 +191,12 @@ class Bench:
         self.fake.apply(endpoint_slice("iperf", addresses=be[:1],
                                        ports=[("tcp", IPERF), ("udp", IPERF, "UDP")]))  # fmt: skip
         kubeconfig = self.fake.kubeconfig(self.work / "kubeconfig")
+        # USERPROXY_PROFILE=FILE runs userproxy under cProfile (for finding what to tune).
+        profile = os.environ.get("USERPROXY_PROFILE")
+        wrap = ["-m", "cProfile", "-o", profile] if profile else []
         proc = self.topo.spawn(
-            "node", sys.executable, "-m", "userproxy", "run", "--kubeconfig", str(kubeconfig),
+            "node", sys.executable, *wrap, "-m", "userproxy", "run",
+            "--kubeconfig", str(kubeconfig),
             "--iptables-backend", "nft", "--iptables-min-sync-period", "0s",
             "--log-format", "json", stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
         )  # fmt: skip

@@ -301,10 +301,11 @@ class FakeKube:
             if obj is None:
                 return web.json_response(status(404, "NotFound", m["name"]), status=404)
             return web.json_response(obj)
-        items = [copy.deepcopy(o) for (r, _, _), o in self.objects.items() if selector.match(r, o)]
-        for item in items:  # a real LIST leaves kind and apiVersion off its items
-            item.pop("kind", None)
-            item.pop("apiVersion", None)
+        items = [  # a real LIST leaves kind and apiVersion off its items
+            {k: v for k, v in o.items() if k not in ("kind", "apiVersion")}
+            for (r, _, _), o in self.objects.items()
+            if selector.match(r, o)
+        ]  # shallow copies: serialised below, before any later change can touch them
         return web.json_response(
             {
                 "kind": KINDS[resource] + "List",

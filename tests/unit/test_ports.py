@@ -3,27 +3,35 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from userproxy.ports import (
-    KernelPortAllocator,
+    EPHEMERAL_DEFAULT,
     PortRange,
     PortsExhausted,
     RangePortAllocator,
+    ephemeral_range,
     make_allocator,
     parse_port_range,
 )
 
 
 @pytest.mark.parametrize("text", ["", "0", "0-0", None, "  "])
-def test_empty_ranges_mean_kernel_chosen_ports(text: str | None) -> None:
+def test_empty_ranges_mean_the_kernels_ephemeral_range(text: str | None, tmp_path: Path) -> None:
     assert parse_port_range(text) is None
     allocator = make_allocator(None)
-    assert isinstance(allocator, KernelPortAllocator)
-    assert allocator.allocate() == 0 == allocator.allocate()
+    assert isinstance(allocator, RangePortAllocator)
+    assert allocator.range == ephemeral_range()
+    first, second = allocator.allocate(), allocator.allocate()
+    assert first != second and first in allocator.range and second in allocator.range
+    sysctl = tmp_path / "ip_local_port_range"
+    sysctl.write_text("40000\t40999\n")
+    assert ephemeral_range(str(sysctl)) == PortRange(40000, 1000)
+    assert ephemeral_range(str(tmp_path / "missing")) == EPHEMERAL_DEFAULT
 
 
 @pytest.mark.parametrize(
