@@ -127,7 +127,7 @@ def main() -> None:
 @click.option(
     "--proxy-port-range",
     default="",
-    help="Proxy ports: begin-end, a single port or begin+offset; empty = kernel-chosen.",
+    help="Proxy ports: begin-end, a single port or begin+offset; empty = the ephemeral range.",
 )
 @click.option(
     "--udp-timeout",
