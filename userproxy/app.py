@@ -20,6 +20,7 @@ from typing import Any
 import structlog
 import yaml
 
+from userproxy.iptables_mode.proxier import KernelProxier
 from userproxy.model import ServicePortName
 from userproxy.proxier import ActivePort, Portals, PortRuntime, Proxier
 from userproxy.proxy.stats import CountersSnapshot
@@ -41,10 +42,12 @@ class UserProxy:
         *,
         portals: Portals | None = None,
         proxy_name: str | None = None,
+        proxier: Proxier | KernelProxier | None = None,
     ) -> None:
         self.settings = settings or ProxySettings()
         self.portals = portals
-        self.proxier = Proxier(settings=self.settings, portals=portals)
+        #: The userspace proxier, or the iptables mode's (given by the caller).
+        self.proxier = proxier or Proxier(settings=self.settings, portals=portals)
         self.router = ObjectRouter(self.proxier, proxy_name=proxy_name)
         self.runner = SyncRunner(
             self.proxier.sync,

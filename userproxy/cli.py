@@ -113,10 +113,15 @@ def main() -> None:
 )
 @click.option(
     "--proxy-mode",
-    type=click.Choice(["userspace"]),
+    type=click.Choice(["userspace", "iptables"]),
     default="userspace",
     show_default=True,
-    help="Which proxy mode to run.",
+    help="userspace: listeners relay the traffic; iptables: kernel rules only (root).",
+)
+@click.option(
+    "--masquerade-all",
+    is_flag=True,
+    help="iptables mode: SNAT all service traffic (else only external and hairpin).",
 )
 @click.option(
     "--bind-address",
@@ -217,6 +222,7 @@ def run(ctx: click.Context, /, **options: Any) -> None:
     from userproxy.main import RunOptions, serve_kubernetes, serve_manifests
 
     run_options = RunOptions(
+        masquerade_all=options["masquerade_all"],
         proxy_name=options["service_proxy_name"],
         portal_config=portal_config,
         iptables_backend=options["iptables_backend"],
@@ -291,6 +297,10 @@ def nodeport_cidrs(values: Any) -> tuple[str, ...]:
 def portal_config_from_options(options: dict[str, Any], settings: ProxySettings) -> Any:
     """The portal settings, or None when portals are off."""
     wanted = options["portals"]
+    if settings.mode == "iptables":
+        if os.geteuid() != 0:
+            raise SettingsError("proxy-mode iptables writes kernel rules: run it as root")
+        wanted = "on"  # the mode is its rules; --portals does not apply
     if wanted == "off" or (wanted == "auto" and os.geteuid() != 0):
         if wanted == "auto":
             log.warning("Not root: running without portals; connect to the proxy ports.")
@@ -304,10 +314,11 @@ def portal_config_from_options(options: dict[str, Any], settings: ProxySettings)
 
 
 def do_cleanup() -> int:
+    from userproxy.iptables_mode.proxier import cleanup as cleanup_iptables_mode
     from userproxy.portals.backends import RulesError, cleanup
 
     try:
-        removed = cleanup()
+        removed = cleanup() + cleanup_iptables_mode()
     except RulesError as err:
         log.error("Cleanup failed.", reason=str(err))
         return 1
@@ -319,7 +330,8 @@ def do_cleanup() -> int:
 @main.command("cleanup")
 @common_logging
 def cleanup_command(verbosity: int, log_format: Any) -> None:
-    """Remove every userproxy chain and jump rule (legacy and nft); safe to repeat."""
+    """Remove every userproxy chain and jump rule, of both modes (legacy and nft); safe to
+    repeat. iptables-mode chains are removed only if userproxy wrote them."""
     logs.configure(verbosity=verbosity, fmt=log_format)
     sys.exit(do_cleanup())
 
@@ -372,6 +384,7 @@ def settings_from_options(options: dict[str, Any]) -> ProxySettings:
         sync_period=options["iptables_sync_period"],
         min_sync_period=options["iptables_min_sync_period"],
         node_name=(options["hostname_override"] or default_node_name()).lower(),
+        mode=options.get("proxy_mode") or "userspace",
     )
 
 

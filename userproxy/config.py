@@ -45,8 +45,8 @@ def _bool(field: str, value: Any) -> bool:
 
 def _mode(field: str, value: Any) -> str:
     mode = _string(field, value)
-    if mode not in ("", "userspace"):
-        raise ConfigError(f"{field}: {mode!r} is not supported (userspace)")
+    if mode not in ("", "userspace", "iptables"):
+        raise ConfigError(f"{field}: {mode!r} is not supported (userspace, iptables)")
     return mode or "userspace"
 
 
@@ -79,6 +79,7 @@ USED: dict[str, tuple[str, Parse]] = {
     "udpIdleTimeout": ("udp_timeout", _duration),
     "iptables.syncPeriod": ("iptables_sync_period", _duration),
     "iptables.minSyncPeriod": ("iptables_min_sync_period", _duration),
+    "iptables.masqueradeAll": ("masquerade_all", _bool),
     "nodePortAddresses": ("nodeport_addresses", _cidrs),
 }
 
@@ -96,7 +97,6 @@ IGNORED = {
     "enableProfiling",
     "featureGates",
     "iptables.localhostNodePorts",
-    "iptables.masqueradeAll",
     "iptables.masqueradeBit",
     "ipvs",
     "logging",

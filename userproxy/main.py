@@ -11,11 +11,17 @@ from typing import Any
 import structlog
 
 from userproxy.app import UserProxy
+from userproxy.iptables_mode import proxier as iptables_mode
+from userproxy.iptables_mode.proxier import KernelProxier
+from userproxy.iptables_mode.rules import KernelConfig
 from userproxy.portals.backends import (
     BackendChoice,
     IptcBackend,
     RulesError,
+    Variant,
+    cleanup,
     cleanup_variant,
+    detect_variant,
     make_backend,
 )
 from userproxy.portals.manager import PortalManager
@@ -33,6 +39,7 @@ class RunOptions:
 
     proxy_name: str | None = None
     portal_config: PortalConfig | None = None
+    masquerade_all: bool = False
     iptables_backend: BackendChoice = "auto"
     healthz_address: str = "0.0.0.0:10256"
     metrics_address: str = "127.0.0.1:10249"
@@ -48,24 +55,42 @@ def make_portals(
     config: PortalConfig, choice: BackendChoice, full_sync_period: float = 30.0
 ) -> PortalManager:
     """A portal manager on the chosen backend, after clearing what the other variant may hold
-    from an earlier run (rules of both variants would both be evaluated by the kernel)."""
+    from an earlier run (rules of both variants would both be evaluated by the kernel), and
+    what an earlier run in iptables mode left (a mode switch leaves nothing behind)."""
     backend = make_backend(choice)
     cleanup_variant("nft" if isinstance(backend, IptcBackend) else "legacy")
+    iptables_mode.cleanup()
     return PortalManager(backend=backend, config=config, full_sync_period=full_sync_period)
+
+
+def make_kernel_proxier(settings: ProxySettings, run: RunOptions) -> KernelProxier:
+    """iptables mode on the host's iptables variant, after removing the userspace mode's
+    portals and any iptables-mode rules in the other variant."""
+    choice = run.iptables_backend
+    variant: Variant = detect_variant() if choice == "auto" else choice
+    writer = iptables_mode.KernelRuleWriter(variant)
+    cleanup()  # userspace portals, both variants
+    iptables_mode.cleanup_variant("nft" if variant == "legacy" else "legacy")
+    log.info("Running in iptables mode.", backend=writer.restore.name)
+    config = KernelConfig(masquerade_all=run.masquerade_all)
+    return KernelProxier(settings=settings, writer=writer, config=config)
 
 
 @contextlib.asynccontextmanager
 async def prepared(settings: ProxySettings, run: RunOptions) -> AsyncIterator[UserProxy]:
     """A proxy with its portals and its health and metrics servers, not yet started."""
     portals = None
-    if run.portal_config is not None:
-        try:
+    proxier = None
+    try:
+        if settings.mode == "iptables":
+            proxier = make_kernel_proxier(settings, run)
+        elif run.portal_config is not None:
             portals = make_portals(run.portal_config, run.iptables_backend, settings.sync_period)
-        except RulesError as err:
-            raise StartupError(
-                f"cannot program iptables ({err}); run as root, or with --portals off"
-            ) from err
-    proxy = UserProxy(settings, proxy_name=run.proxy_name, portals=portals)
+    except RulesError as err:
+        raise StartupError(
+            f"cannot program iptables ({err}); run as root, or with --portals off"
+        ) from err
+    proxy = UserProxy(settings, proxy_name=run.proxy_name, portals=portals, proxier=proxier)
     servers = Servers(
         proxy,
         healthz_address=run.healthz_address,
@@ -83,8 +108,11 @@ async def prepared(settings: ProxySettings, run: RunOptions) -> AsyncIterator[Us
         yield proxy
     finally:
         await servers.stop()
-        if portals is not None and proxy.runner.sync_count == 0:
-            await portals.close()  # never started: UserProxy.stop() will not close them
+        if proxy.runner.sync_count == 0:  # never started: UserProxy.stop() will not run
+            if portals is not None:
+                await portals.close()
+            if proxier is not None:
+                await proxier.shutdown()
 
 
 async def serve_manifests(settings: ProxySettings, path: Path, run: RunOptions) -> int:

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from userproxy.iptables_mode.proxier import KernelProxier
 from userproxy.model import Protocol
 from userproxy.proxy.stats import snapshot
 
@@ -149,10 +150,11 @@ class _ProxyCollector(Collector):
             "Connections or datagrams turned away for lack of endpoints",
             labels=["service_port", "protocol"],
         )
-        balancer = self.proxy.proxier.balancer
-        for name, rt in sorted(self.proxy.proxier.runtimes.items()):
+        proxier = self.proxy.proxier
+        runtimes = {} if isinstance(proxier, KernelProxier) else proxier.runtimes
+        for name, rt in sorted(runtimes.items()):
             base = [str(name), rt.port.protocol.value]
-            endpoints.add_metric(base, len(balancer.endpoints(name)))
+            endpoints.add_metric(base, len(proxier.balancer.endpoints(name)))  # type: ignore[union-attr]
             rejected.add_metric(base, rt.stats.rejected)
             for ep, counters in rt.stats.endpoints.items():
                 c = snapshot(counters)

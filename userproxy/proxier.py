@@ -45,6 +45,16 @@ class ActivePort:
     has_endpoints: bool
 
 
+class SourceSink(TypingProtocol):
+    """What sources (through the router) call: both proxy modes' proxiers."""
+
+    def on_service(self, key: ServiceKey, ports: tuple[ServicePort, ...] | None) -> None: ...
+
+    def on_endpoints(self, result: EndpointsResult) -> None: ...
+
+    def on_endpoints_deleted(self, service: ServiceKey, source: str) -> None: ...
+
+
 class Portals(TypingProtocol):
     async def sync(self, active: Sequence[ActivePort]) -> None: ...
 

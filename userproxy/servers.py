@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from userproxy import health, status
 from userproxy.app import UserProxy
+from userproxy.iptables_mode.proxier import KernelProxier
 from userproxy.metrics import Metrics
 
 log = structlog.get_logger("userproxy.servers")
@@ -115,10 +116,12 @@ class Servers:
         return app
 
     # ------------------------------------------------------------------ metrics and status
-    def status(self) -> status.Status:
-        portals = self.proxy.portals
-        errors = getattr(portals, "node_port_errors", None)
-        return status.collect(self.proxy.proxier, errors)
+    async def status(self) -> status.Status:
+        proxier = self.proxy.proxier
+        if isinstance(proxier, KernelProxier):
+            return await proxier.status()
+        errors = getattr(self.proxy.portals, "node_port_errors", None)
+        return {"mode": "userspace", **status.collect(proxier, errors)}
 
     def _metrics_app(self) -> web.Application:
         async def metrics(request: web.Request) -> web.Response:
@@ -129,13 +132,13 @@ class Servers:
             return web.Response(text="ok")
 
         async def proxy_mode(request: web.Request) -> web.Response:
-            return web.Response(text="userspace")
+            return web.Response(text=self.proxy.settings.mode)
 
         async def configz(request: web.Request) -> web.Response:
             return _json({"kubeproxy.config.k8s.io": self.configz}, 200)
 
         async def status_view(request: web.Request) -> web.Response:
-            return _json(self.status(), 200)
+            return _json(await self.status(), 200)
 
         app = web.Application()
         app.router.add_get("/metrics", metrics)

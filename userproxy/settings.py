@@ -48,6 +48,9 @@ class ProxySettings:
     """Embedding without portals may listen on loopback; with portals kube-proxy refuses it,
     because PREROUTING DNAT to 127.0.0.1 is dropped by the kernel (route_localnet=0)."""
 
+    mode: str = "userspace"
+    """`mode`: userspace (listeners and relays) or iptables (kernel rules only)."""
+
     workers_reuse_port: bool = False
     """Bind listeners with SO_REUSEPORT (several worker processes on the same proxy ports)."""
 
@@ -58,7 +61,9 @@ class ProxySettings:
             raise SettingsError(
                 f"bind-address {self.bind_address!r} is not an IP address"
             ) from None
-        if address.is_loopback and not self.allow_loopback_bind:
+        if self.mode not in ("userspace", "iptables"):
+            raise SettingsError(f"proxy-mode {self.mode!r} is not supported (userspace, iptables)")
+        if address.is_loopback and not self.allow_loopback_bind and self.mode == "userspace":
             raise SettingsError(
                 f"bind-address {self.bind_address} is a loopback address: cannot proxy on "
                 "localhost (portal rules cannot redirect traffic there); use 0.0.0.0 or a node IP"

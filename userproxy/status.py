@@ -63,7 +63,7 @@ def collect(proxier: Proxier, node_port_errors: dict[ServicePortName, str] | Non
                 "external_ips": list(port.external_ips),
                 "load_balancer_ips": list(port.load_balancer_ips),
                 "proxy_port": rt.proxy_port,
-                "session_affinity": _affinity(port),
+                "session_affinity": affinity_text(port),
                 "rejected": rt.stats.rejected,
                 "endpoints": endpoints,
             }
@@ -72,13 +72,18 @@ def collect(proxier: Proxier, node_port_errors: dict[ServicePortName, str] | Non
     return {"service_ports": ports, "failed": failed}
 
 
-def _affinity(port: ServicePort) -> str:
+def affinity_text(port: ServicePort) -> str:
     policy = port.affinity
     return f"ClientIP {policy.timeout_s}s" if policy.client_ip else "None"
 
 
 def _vip(ip: str, port: int) -> str:
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def _cell(value: object) -> str:
+    """Counters the kernel does not keep (iptables mode) show as -."""
+    return "-" if value is None else str(value)
 
 
 def render(status: Status) -> str:
@@ -92,9 +97,10 @@ def render(status: Status) -> str:
             if sp["session_affinity"] != "None"
             else ""
         )
+        proxy_port = "kernel" if sp["proxy_port"] is None else sp["proxy_port"]
         lines.append(
             f"{sp['protocol']:<5}{_vip(sp['cluster_ip'], sp['port']):<26}{sp['name']:<32}"
-            f"{sp['proxy_port']:>9}  {scheduler}"
+            f"{proxy_port:>9}  {scheduler}"
         )
         extras = []
         if sp["node_port"]:
@@ -108,12 +114,14 @@ def render(status: Status) -> str:
         if extras:
             lines.append("     " + "  ".join(extras))
         if not sp["endpoints"]:
-            lines.append(f"  -> (no endpoints: refused; {sp['rejected']} turned away)")
+            away = "" if sp["rejected"] is None else f"; {sp['rejected']} turned away"
+            lines.append(f"  -> (no endpoints: refused{away})")
         for ep in sp["endpoints"]:
             address = ep["address"] + (" (removed)" if ep["removed"] else "")
+            cells = [_cell(ep[k]) for k in ("active", "total", "bytes_from_clients")]
             lines.append(
-                f"  -> {address:<28}{ep['active']:>11}{ep['total']:>11}"
-                f"{ep['bytes_from_clients']:>12}{ep['bytes_to_clients']:>12}"
+                f"  -> {address:<28}{cells[0]:>11}{cells[1]:>11}"
+                f"{cells[2]:>12}{_cell(ep['bytes_to_clients']):>12}"
             )
     for failed in status["failed"]:
         lines.append(f"!    {failed['name']}: not served: {failed['reason']}")

@@ -22,7 +22,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal, Protocol
 
 import structlog
@@ -32,6 +32,7 @@ from userproxy.portals.rules import (
     JUMPS,
     OWNED_CHAINS,
     ChainChange,
+    Jump,
     Rule,
     Ruleset,
     change_text,
@@ -89,9 +90,11 @@ def _jump_target(words: list[str]) -> str | None:
     return words[words.index("-j") + 1] if "-j" in words[:-1] else None
 
 
-def builtin_chain_lines(texts: dict[str, str]) -> dict[tuple[str, str], list[str]]:
+def builtin_chain_lines(
+    texts: dict[str, str], jumps: Sequence[Jump] = JUMPS
+) -> dict[tuple[str, str], list[str]]:
     """Per (table, built-in chain that holds one of our jumps), its `-A` lines in order."""
-    wanted = {(j.table, j.chain) for j in JUMPS}
+    wanted = {(j.table, j.chain) for j in jumps}
     found: dict[tuple[str, str], list[str]] = {key: [] for key in wanted}
     for table, text in texts.items():
         for line in text.splitlines():
@@ -164,11 +167,11 @@ class RestoreBackend:
             delete.setdefault(jump.table, []).extend(doomed)
         return restore_text(ruleset, delete_lines=delete, add_jumps=plan.add)
 
-    def _list_builtins(self, table: str) -> str:
+    def _list_builtins(self, table: str, jumps: Sequence[Jump] = JUMPS) -> str:
         """`-S` of the built-in chains holding our jumps: with nft this reads only those
         chains (a full save of a 30,000-rule table takes ~0.4 s)."""
         out = []
-        for chain in sorted({j.chain for j in JUMPS if j.table == table}):
+        for chain in sorted({j.chain for j in jumps if j.table == table}):
             result = subprocess.run(
                 [f"iptables-{self.variant}", "-w", "5", "-t", table, "-S", chain],
                 capture_output=True,

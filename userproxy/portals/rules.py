@@ -450,7 +450,9 @@ class JumpPlan:
     add: tuple[Jump, ...] = ()
 
 
-def plan_jumps(present: Mapping[tuple[str, str], Sequence[str]]) -> JumpPlan:
+def plan_jumps(
+    present: Mapping[tuple[str, str], Sequence[str]], jumps: Sequence[Jump] = JUMPS
+) -> JumpPlan:
     """From the jump targets found in each built-in chain, top to bottom, what to fix.
 
     Missing jumps are added. A top jump must also sit above every top jump listed before it
@@ -461,7 +463,7 @@ def plan_jumps(present: Mapping[tuple[str, str], Sequence[str]]) -> JumpPlan:
     """
     remove: list[Jump] = []
     add: list[Jump] = []
-    for i, jump in enumerate(JUMPS):
+    for i, jump in enumerate(jumps):
         targets = list(present.get((jump.table, jump.chain), ()))
         target = jump.rule.target.name
         if target not in targets:
@@ -470,7 +472,7 @@ def plan_jumps(present: Mapping[tuple[str, str], Sequence[str]]) -> JumpPlan:
         if not jump.first:
             continue
         earlier = [
-            j for j in JUMPS[:i] if j.first and (j.table, j.chain) == (jump.table, jump.chain)
+            j for j in jumps[:i] if j.first and (j.table, j.chain) == (jump.table, jump.chain)
         ]
         misplaced = any(
             j in add or targets.index(j.rule.target.name) < targets.index(target) for j in earlier

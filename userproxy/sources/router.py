@@ -16,7 +16,7 @@ import structlog
 
 from userproxy import convert
 from userproxy.changes import ServiceKey
-from userproxy.proxier import Proxier
+from userproxy.proxier import SourceSink
 
 log = structlog.get_logger("userproxy.objects")
 
@@ -40,7 +40,7 @@ class _Routed:
 
 
 class ObjectRouter:
-    def __init__(self, proxier: Proxier, *, proxy_name: str | None = None) -> None:
+    def __init__(self, proxier: SourceSink, *, proxy_name: str | None = None) -> None:
         self.proxier = proxier
         #: `--service-proxy-name`: serve only Services carrying this proxy-name label value
         #: (None: serve the Services that carry no such label, like kube-proxy).

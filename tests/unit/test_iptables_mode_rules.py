@@ -1,0 +1,88 @@
+"""The iptables-mode rule builder: kube-proxy's chain names, probabilities and shapes."""
+
+from __future__ import annotations
+
+from userproxy.iptables_mode import rules
+from userproxy.model import Affinity, Endpoint, Protocol, ServicePort, ServicePortName
+
+NAME = ServicePortName("ns1", "svc1", "p80")
+PORT = ServicePort(NAME, "172.30.0.41", 80, node_port=30080)
+EPS = tuple(Endpoint(f"10.180.0.{i}", 80) for i in (1, 2, 3))
+
+
+def test_chain_names_are_kube_proxys_stable_hashes() -> None:
+    # The same names kube-proxy's own tests expect for ns1/svc1:p80 and 10.180.0.1:80.
+    assert rules.service_chain(PORT) == "KUBE-SVC-XPGD46QRK7WJZT7O"
+    assert rules.endpoint_chain(PORT, EPS[0]) == "KUBE-SEP-SXIVWICOYRO3J4NJ"
+    udp = ServicePort(ServicePortName("ns1", "svc1", "p80", Protocol.UDP), "172.30.0.41", 80)
+    assert rules.service_chain(udp) != rules.service_chain(PORT)
+
+
+def test_even_spread_one_over_n_down_the_chain() -> None:
+    rs = rules.build([rules.Backed(PORT, EPS)])
+    svc = rs.chains["nat"][rules.service_chain(PORT)]
+    assert ["--probability 0.3333333333" in svc[0], "--probability 0.5000000000" in svc[1]] == [
+        True,
+        True,
+    ]
+    assert "statistic" not in svc[2] and svc[2].endswith(rules.endpoint_chain(PORT, EPS[2]))
+    sep = rs.chains["nat"][rules.endpoint_chain(PORT, EPS[0])]
+    assert sep == [
+        f"-A {rules.endpoint_chain(PORT, EPS[0])} -m comment --comment ns1/svc1:p80 "
+        "-s 10.180.0.1/32 -j KUBE-MARK-MASQ",
+        f"-A {rules.endpoint_chain(PORT, EPS[0])} -m comment --comment ns1/svc1:p80 "
+        "-p tcp -m tcp -j DNAT --to-destination 10.180.0.1:80",
+    ]
+
+
+def test_cluster_ip_and_node_port_entries() -> None:
+    rs = rules.build([rules.Backed(PORT, EPS)])
+    services = rs.chains["nat"]["KUBE-SERVICES"]
+    assert services[0] == (
+        '-A KUBE-SERVICES -m comment --comment "ns1/svc1:p80 cluster IP" -d 172.30.0.41/32 '
+        "-p tcp -m tcp --dport 80 -j KUBE-SVC-XPGD46QRK7WJZT7O"
+    )
+    assert services[-1].endswith("-m addrtype --dst-type LOCAL -j KUBE-NODEPORTS")
+    assert rs.chains["nat"]["KUBE-NODEPORTS"] == [
+        "-A KUBE-NODEPORTS -m comment --comment ns1/svc1:p80 -p tcp -m tcp --dport 30080 "
+        "-j KUBE-MARK-MASQ",
+        "-A KUBE-NODEPORTS -m comment --comment ns1/svc1:p80 -p tcp -m tcp --dport 30080 "
+        "-j KUBE-SVC-XPGD46QRK7WJZT7O",
+    ]
+    assert rs.chains["nat"]["KUBE-POSTROUTING"][-1].endswith("-j MASQUERADE --random-fully")
+
+
+def test_external_ips_are_masqueraded_and_no_endpoints_rejected_in_filter() -> None:
+    port = ServicePort(NAME, "172.30.0.41", 80, node_port=30080, external_ips=("1.2.3.4",))
+    rs = rules.build([rules.Backed(port, EPS)])
+    ext = [ln for ln in rs.chains["nat"]["KUBE-SERVICES"] if "1.2.3.4" in ln]
+    assert [ln.rsplit(" ", 1)[1] for ln in ext] == ["KUBE-MARK-MASQ", "KUBE-SVC-XPGD46QRK7WJZT7O"]
+    empty = rules.build([rules.Backed(port, ())])
+    assert rules.service_chain(port) not in empty.chains["nat"]
+    rejects = empty.chains["filter"]["KUBE-SERVICES"]
+    assert len(rejects) == 2 and all("-j REJECT" in r for r in rejects)
+    assert "--dport 30080" in empty.chains["filter"]["KUBE-EXTERNAL-SERVICES"][0]
+
+
+def test_client_ip_affinity_uses_recent_with_the_timeout() -> None:
+    port = ServicePort(NAME, "172.30.0.41", 80, affinity=Affinity(client_ip=True, timeout_s=600))
+    rs = rules.build([rules.Backed(port, EPS[:2])])
+    svc = rs.chains["nat"][rules.service_chain(port)]
+    sep0 = rules.endpoint_chain(port, EPS[0])
+    assert (
+        f"-m recent --name {sep0} --mask 255.255.255.255 --rsource --rcheck --seconds 600 "
+        f"--reap -j {sep0}" in svc[0]
+    )
+    assert "--set" in rs.chains["nat"][sep0][1]
+
+
+def test_restore_text_rewrites_only_changed_chains_and_deletes_stale_ones() -> None:
+    before = rules.build([rules.Backed(PORT, EPS)])
+    after = rules.build([rules.Backed(PORT, EPS[:2])])
+    text = rules.restore_text(after, before, {"nat": set(before.chains["nat"]), "filter": set()})
+    gone = rules.endpoint_chain(PORT, EPS[2])
+    assert f":{rules.service_chain(PORT)} - [0:0]" in text
+    assert f"-X {gone}" in text and text.index(f":{gone}") < text.index(f"-X {gone}")
+    assert rules.endpoint_chain(PORT, EPS[0]) not in text.split("*nat")[1].split("\n")[1]
+    assert ":KUBE-SERVICES" not in text  # unchanged: left alone
+    assert rules.restore_text(after, after, {"nat": set(after.chains["nat"])}) == ""

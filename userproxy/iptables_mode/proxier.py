@@ -1,0 +1,226 @@
+"""`--proxy-mode iptables`: the same sources, change tracking and sync runner as the userspace
+mode, but the data plane is the kernel's (rules.py). No listeners, no relays.
+
+Writes go through iptables-restore (legacy or nft, following the host) as atomic batches:
+only the chains whose content changed are rewritten, except once per sync period (and at
+startup, and after a failure), when every chain is rewritten, stale chains are deleted and
+missing jumps are put back. Rules stay in place when the proxy stops, so traffic keeps
+flowing across a restart; `userproxy cleanup` removes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import math
+import re
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from userproxy.changes import EndpointsCache, ServiceChangeTracker, ServiceKey, names_of
+from userproxy.convert import EndpointsResult
+from userproxy.iptables_mode import rules
+from userproxy.model import Endpoint, ServicePort, ServicePortName
+from userproxy.portals import backends
+from userproxy.portals.rules import plan_jumps
+from userproxy.proxier import ActivePort
+from userproxy.settings import ProxySettings
+from userproxy.status import affinity_text
+
+log = structlog.get_logger("userproxy.iptables_mode")
+
+
+class KernelRuleWriter:
+    def __init__(self, variant: backends.Variant) -> None:
+        self.variant = variant
+        self.restore = backends.RestoreBackend(variant)
+        self._written: rules.KernelRuleset | None = None
+
+    def apply(self, desired: rules.KernelRuleset, *, full: bool) -> None:
+        written, self._written = self._written, None  # unknown until this batch lands
+        if full or written is None:
+            existing = {t: self._chains(t) for t in (rules.FILTER, rules.NAT)}
+            present = backends.builtin_chain_lines(
+                {t: self.restore._list_builtins(t, rules.JUMPS) for t in (rules.FILTER, rules.NAT)},
+                rules.JUMPS,
+            )
+            targets = {k: backends.jump_targets(v) for k, v in present.items()}
+            plan = plan_jumps(targets, rules.JUMPS)
+            text = rules.restore_text(desired, None, existing, add_jumps=plan.add)
+        else:
+            existing = {t: set(written.chains[t]) for t in (rules.FILTER, rules.NAT)}
+            text = rules.restore_text(desired, written, existing)
+        if text:
+            self.restore._restore(text, verify=True)
+        self._written = desired
+
+    def _chains(self, table: str) -> set[str]:
+        text = backends.save(self.variant, table)
+        return {line[1:].split()[0] for line in text.splitlines() if line.startswith(":")}
+
+    def packet_counts(self) -> dict[str, int]:
+        """Packets through each KUBE-SEP chain's DNAT rule: in the nat table only the first
+        packet of a connection (or UDP flow) is seen, so this counts connections."""
+        tool = f"iptables-{self.variant}-save"
+        out = subprocess.run([tool, "-c", "-t", "nat"], capture_output=True, text=True, check=False)
+        counts: dict[str, int] = {}
+        for m in _SEP_DNAT.finditer(out.stdout):
+            counts[m["chain"]] = counts.get(m["chain"], 0) + int(m["packets"])
+        return counts
+
+
+_SEP_DNAT = re.compile(r"^\[(?P<packets>\d+):\d+\] -A (?P<chain>KUBE-SEP-\w+) .*-j DNAT", re.M)
+
+
+def cleanup_variant(variant: backends.Variant) -> int:
+    """Remove iptables-mode chains and jumps from one variant, if userproxy wrote them (the
+    marker chain exists): kube-proxy's chains of the same names are never touched."""
+    tool = f"iptables-{variant}-restore"
+    nat = backends.save(variant, "nat")
+    if f":{rules.MARKER} " not in nat:
+        return 0
+    batch, removed = [], 0
+    for table in (rules.FILTER, rules.NAT):
+        text = nat if table == rules.NAT else backends.save(variant, table)
+        chains = [ln[1:].split()[0] for ln in text.splitlines() if ln.startswith(":")]
+        ours = [c for c in chains if rules._ours(c)]
+        jumps = [
+            ln
+            for ln in text.splitlines()
+            if ln.startswith("-A ")
+            and ln.split()[1] not in ours
+            and (backends._jump_target(ln.split()) or "") in ours
+        ]
+        if not ours and not jumps:
+            continue
+        removed += len(ours) + len(jumps)
+        batch += [f"*{table}", *("-D" + ln[2:] for ln in jumps)]
+        batch += [f":{c} - [0:0]" for c in ours] + [f"-X {c}" for c in ours] + ["COMMIT"]
+    result = subprocess.run(
+        [tool, "--noflush", "-w", "5"], input="\n".join(batch) + "\n", capture_output=True,
+        text=True, check=False,
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise backends.RulesError(f"{tool} could not remove the rules: {result.stderr.strip()}")
+    return removed
+
+
+def cleanup() -> int:
+    return sum(cleanup_variant(v) for v in ("legacy", "nft"))
+
+
+class KernelProxier:
+    """The proxier of iptables mode, with the interface sources and UserProxy use."""
+
+    def __init__(
+        self,
+        *,
+        settings: ProxySettings,
+        writer: KernelRuleWriter,
+        config: rules.KernelConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.writer = writer
+        self.config = config or rules.KernelConfig()
+        self.clock = clock
+        self.tracker = ServiceChangeTracker()
+        self.endpoints = EndpointsCache()
+        self.ports: dict[ServicePortName, ServicePort] = {}
+        self.runtimes: dict[ServicePortName, Any] = {}  # no listeners in this mode
+        self.failed: dict[ServicePortName, str] = {}
+        self.request_sync: Callable[[], None] = lambda: None
+        self.last_ruleset: rules.KernelRuleset | None = None
+        self._lock = asyncio.Lock()
+        self._last_full = -math.inf
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="iptables")
+
+    # ------------------------------------------------------------------ source handlers
+    def on_service(self, key: ServiceKey, ports: tuple[ServicePort, ...] | None) -> None:
+        self.tracker.record(key, ports)
+        self.request_sync()
+
+    def on_endpoints(self, result: EndpointsResult) -> None:
+        self.endpoints.update(result)
+        self.request_sync()  # the kernel learns endpoint changes only through a sync
+
+    def on_endpoints_deleted(self, service: ServiceKey, source: str) -> None:
+        self.endpoints.delete(service, source)
+        self.request_sync()
+
+    # ------------------------------------------------------------------ sync
+    def backed(self) -> list[rules.Backed]:
+        out = []
+        for name, port in sorted(self.ports.items()):
+            local = self.settings.node_name if port.internal_local else None
+            out.append(rules.Backed(port, tuple(self.endpoints.endpoints(name, local_node=local))))
+        return out
+
+    async def sync(self) -> None:
+        async with self._lock:
+            for _, (previous, current) in self.tracker.take().items():
+                for name in names_of(previous).keys() - names_of(current).keys():
+                    self.ports.pop(name, None)
+                self.ports.update(names_of(current))
+            ruleset = rules.build(self.backed(), self.config)
+            now = self.clock()
+            full = now - self._last_full >= 0.9 * self.settings.sync_period
+            write = functools.partial(self.writer.apply, ruleset, full=full)
+            try:
+                await asyncio.get_running_loop().run_in_executor(self._thread, write)
+            except Exception:
+                self._last_full = -math.inf
+                raise
+            if full:
+                self._last_full = now
+            self.last_ruleset = ruleset
+
+    # ------------------------------------------------------------------ queries
+    def active_ports(self) -> list[ActivePort]:
+        return [ActivePort(b.port, 0, bool(b.endpoints)) for b in self.backed()]
+
+    async def status(self) -> dict[str, Any]:
+        counts = await asyncio.get_running_loop().run_in_executor(
+            self._thread, self.writer.packet_counts
+        )
+        ports = []
+        for b in self.backed():
+            port = b.port
+            ports.append(
+                {
+                    "name": str(port.name),
+                    "protocol": port.protocol.value,
+                    "cluster_ip": port.cluster_ip,
+                    "port": port.port,
+                    "node_port": port.node_port or None,
+                    "node_port_error": None,
+                    "external_ips": list(port.external_ips),
+                    "load_balancer_ips": list(port.load_balancer_ips),
+                    "proxy_port": None,
+                    "session_affinity": affinity_text(port),
+                    "rejected": None,
+                    "endpoints": [_endpoint_row(port, ep, counts) for ep in b.endpoints],
+                }
+            )
+        return {"mode": "iptables", "service_ports": ports, "failed": []}
+
+    async def shutdown(self) -> None:
+        """The rules stay: the kernel keeps serving while no proxy runs."""
+        self._thread.shutdown(wait=True)
+
+
+def _endpoint_row(port: ServicePort, ep: Endpoint, counts: dict[str, int]) -> dict[str, Any]:
+    return {
+        "address": str(ep),
+        "active": None,
+        "total": counts.get(rules.endpoint_chain(port, ep), 0),
+        "bytes_from_clients": None,
+        "bytes_to_clients": None,
+        "dial_failures": None,
+        "removed": False,
+    }
