@@ -8,6 +8,7 @@ Topology (bench/netns.py): client -> proxy node -> two backend namespaces, all s
   haproxy         HAProxy 2.6, mode tcp, its defaults, one thread
   haproxy-tuned   the same with forced splice both ways (splice-request/response), one thread
   userproxy       `userproxy run --kubeconfig` (the fake API server), portals on, one process
+  userproxy iptables mode   the same with `--proxy-mode iptables` (measured after the rounds)
 Workloads: iperf3 TCP bulk 1 and 8 streams; wrk new connections (Connection: close) and
 keep-alive requests with p50/p99 (nginx backends); 64-byte echo round trips; iperf3 UDP
 64-byte datagrams at a fixed offered rate (pps received, loss); proxy RSS per idle connection
@@ -46,6 +47,9 @@ from userproxy.objects import endpoint_slice, service  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 PEERS = ["none", "kernel DNAT", "haproxy", "haproxy-tuned", "userproxy"]
 UDP_PEERS = ["none", "kernel DNAT", "userproxy"]
+#: Measured after the interleaved rounds: the two userproxy modes cannot run side by side.
+IPTABLES_MODE = "userproxy iptables mode"
+ALL_PEERS = [*PEERS, IPTABLES_MODE]
 WEB, ECHO, IPERF = 80, 7, 5201
 UDP_RATE_PPS = 100_000
 IDLE_CONNECTIONS = 3000
@@ -60,6 +64,8 @@ TARGETS: dict[str, dict[str, tuple[str, int]]] = {
                       "iperf": (NODE_CLIENT_SIDE, 5401)},
     "userproxy": {"web": ("10.96.0.10", WEB), "echo": ("10.96.0.11", ECHO),
                   "iperf": ("10.96.0.12", IPERF)},
+    IPTABLES_MODE: {"web": ("10.96.0.10", WEB), "echo": ("10.96.0.11", ECHO),
+                    "iperf": ("10.96.0.12", IPERF)},
 }  # fmt: skip
 
 
@@ -177,7 +183,7 @@ class Bench:
             self.pids[name] = [proc.pid]
         time.sleep(0.5)
 
-    async def start_userproxy(self) -> None:
+    async def start_api(self) -> None:
         sock = self.topo.call("node", lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
         sock.bind(("127.0.0.1", 0))
         await self.fake.start(sock=sock)
@@ -190,19 +196,22 @@ class Bench:
                                 ports=[("tcp", IPERF), ("udp", IPERF, "UDP")]))  # fmt: skip
         self.fake.apply(endpoint_slice("iperf", addresses=be[:1],
                                        ports=[("tcp", IPERF), ("udp", IPERF, "UDP")]))  # fmt: skip
+
+    async def start_userproxy(self, mode: str = "userspace") -> subprocess.Popen[bytes]:
         kubeconfig = self.fake.kubeconfig(self.work / "kubeconfig")
         # USERPROXY_PROFILE=FILE runs userproxy under cProfile (for finding what to tune).
         profile = os.environ.get("USERPROXY_PROFILE")
         wrap = ["-m", "cProfile", "-o", profile] if profile else []
         proc = self.topo.spawn(
             "node", sys.executable, *wrap, "-m", "userproxy", "run",
-            "--kubeconfig", str(kubeconfig),
+            "--kubeconfig", str(kubeconfig), "--proxy-mode", mode,
             "--iptables-backend", "nft", "--iptables-min-sync-period", "0s",
             "--log-format", "json", stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
         )  # fmt: skip
         self.procs.append(proc)
-        self.pids["userproxy"] = [proc.pid]
+        self.pids["userproxy" if mode == "userspace" else f"userproxy {mode}"] = [proc.pid]
         await asyncio.to_thread(wait_running, proc)
+        return proc
 
     def stop(self) -> None:
         for proc in self.procs:
@@ -431,10 +440,12 @@ METRICS = [  # key, header, format, higher is better
 
 def report(medians: dict[str, dict[str, float]], control: dict[str, float], rounds: int) -> str:
     lines = [f"Medians of {rounds} interleaved rounds, one run, this machine "
-             f"({os.cpu_count()} cores). Every proxy runs one thread/process.", ""]  # fmt: skip
+             f"({os.cpu_count()} cores). Every proxy runs one thread/process. The iptables-mode "
+             "row is measured after the interleaved rounds, in the same run (the two modes "
+             "cannot run side by side).", ""]  # fmt: skip
     lines.append("| peer | " + " | ".join(h for _, h, _, _ in METRICS) + " |")
     lines.append("|---|" + "---:|" * len(METRICS))
-    for peer in PEERS:
+    for peer in ALL_PEERS:
         cells = []
         for key, _, fmt, _ in METRICS:
             value = medians[peer].get(key)
@@ -488,8 +499,8 @@ def chart(medians: dict[str, dict[str, float]], path: Path) -> None:
             ("keepalive_rps", True), ("echo_p50_us", False), ("udp_kpps", True)]  # fmt: skip
     labels = ["TCP 1", "TCP 8", "new conn/s", "keep-alive", "echo (1/RTT)", "UDP pps"]
     fig, ax = plt.subplots(figsize=(10, 4.5))
-    width = 0.8 / len(PEERS)
-    for i, peer in enumerate(PEERS):
+    width = 0.8 / len(ALL_PEERS)
+    for i, peer in enumerate(ALL_PEERS):
         values = []
         for key, higher in keys:
             v, base = medians[peer].get(key), medians["none"][key]
@@ -498,7 +509,7 @@ def chart(medians: dict[str, dict[str, float]], path: Path) -> None:
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(keys))], labels)
     ax.set_ylabel("relative to no proxy (higher is better)")
-    ax.legend(ncol=5, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 1.12))
+    ax.legend(ncol=6, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 1.12))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -507,7 +518,7 @@ def chart(medians: dict[str, dict[str, float]], path: Path) -> None:
 async def main(args: argparse.Namespace) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    samples: dict[str, dict[str, list[float]]] = {p: {} for p in PEERS}
+    samples: dict[str, dict[str, list[float]]] = {p: {} for p in ALL_PEERS}
     control: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="userproxy-bench-") as tmp:
         work = Path(tmp)
@@ -517,7 +528,8 @@ async def main(args: argparse.Namespace) -> None:
             bench.start_backends()
             bench.start_dnat()
             bench.start_haproxy()
-            await bench.start_userproxy()
+            await bench.start_api()
+            userspace = await bench.start_userproxy()
             for r in range(args.rounds):
                 for w, (name, workload) in enumerate(WORKLOADS.items()):
                     peers = UDP_PEERS if name == "udp" else PEERS
@@ -532,6 +544,15 @@ async def main(args: argparse.Namespace) -> None:
                 for key, value in (await asyncio.to_thread(idle_memory, bench, peer)).items():
                     samples[peer].setdefault(key, []).append(value)
             control.update(await endpoint_change_delay(bench))
+            userspace.terminate()
+            await asyncio.to_thread(userspace.wait, 30)
+            await bench.start_userproxy("iptables")
+            for _ in range(args.rounds):
+                for workload in WORKLOADS.values():
+                    result = await asyncio.to_thread(workload, bench, IPTABLES_MODE)
+                    for key, value in result.items():
+                        samples[IPTABLES_MODE].setdefault(key, []).append(value)
+            print(f"iptables mode done at {time.monotonic() - started:.0f}s", flush=True)
         finally:
             bench.stop()
             await bench.fake.stop()

@@ -205,7 +205,11 @@ def test_config_file_flags_override_it_and_write_config_to(tmp_path: Path) -> No
     assert effective["kind"] == "KubeProxyConfiguration"
     assert effective["bindAddress"] == "10.0.0.5"  # from the file
     assert effective["udpIdleTimeout"] == "5s"  # the flag wins
-    assert effective["iptables"] == {"syncPeriod": "60s", "minSyncPeriod": "2s"}
+    assert effective["iptables"] == {
+        "syncPeriod": "60s",
+        "minSyncPeriod": "2s",
+        "masqueradeAll": False,
+    }
     assert effective["healthzBindAddress"] == "0.0.0.0:10256"  # a default
 
 

@@ -72,8 +72,20 @@ def make_kernel_proxier(settings: ProxySettings, run: RunOptions) -> KernelProxi
     cleanup()  # userspace portals, both variants
     iptables_mode.cleanup_variant("nft" if variant == "legacy" else "legacy")
     log.info("Running in iptables mode.", backend=writer.restore.name)
+    if _sysctl("net/ipv4/ip_forward") == "0":
+        log.warning(
+            "net.ipv4.ip_forward is 0: the kernel will drop service traffic it DNATs to "
+            "other hosts or pods; a Kubernetes node needs it set to 1."
+        )
     config = KernelConfig(masquerade_all=run.masquerade_all)
     return KernelProxier(settings=settings, writer=writer, config=config)
+
+
+def _sysctl(name: str) -> str:
+    try:
+        return Path(f"/proc/sys/{name}").read_text().strip()
+    except OSError:
+        return ""
 
 
 @contextlib.asynccontextmanager

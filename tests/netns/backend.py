@@ -1,4 +1,5 @@
-"""A pod's backend: TCP and UDP on :8080, answering with the pod's name. Runs until killed."""
+"""A pod's backend: TCP and UDP on :8080, answering with the pod's name (TCP then echoes
+until the client closes). Runs until killed."""
 
 import asyncio
 import sys
@@ -10,6 +11,9 @@ async def main() -> None:
     async def tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(NAME + b"\n")
         await writer.drain()
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
         writer.close()
 
     class Udp(asyncio.DatagramProtocol):

@@ -116,7 +116,7 @@ async def test_cluster_traffic_follows_the_api(cluster: tuple[dict[str, str], Fa
     async def api_is(name: str) -> bool:
         return await tcp(ns["pod1"], API_VIP, 80) == name
 
-    await eventually(lambda: api_is("pod2"), 3, "the new service")
+    await eventually(lambda: api_is("pod2"), 10, "the new service")
     fake.apply(endpoint_slice("api", addresses=[topo.POD_IPS["pod1"]], ports=[("http", 8080)]))
     await eventually(lambda: api_is("pod1"), 3, "moved endpoints")
 

@@ -43,6 +43,9 @@ def create() -> dict[str, str]:
         node += [
             f"link add veth{i} type veth peer name eth0 netns {ns[pod]}",
             f"link set veth{i} master cbr0",
+            # kubelet's hairpin-veth: a pod reaching itself through a service VIP needs the
+            # bridge to send the DNATed frame back out of the port it came in on.
+            f"link set veth{i} type bridge_slave hairpin on",
             f"link set veth{i} up",
         ]
         groups.append(
@@ -64,6 +67,8 @@ def create() -> dict[str, str]:
         for netns, lines in groups:
             cmd = ["ip", *(["-n", netns] if netns else []), "-batch", "-"]
             subprocess.run(cmd, input="\n".join(lines) + "\n", text=True, check=True)
+        # A Kubernetes node routes for its pods (iptables mode DNATs pod traffic onwards).
+        run_in(ns["node"], "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
     except Exception:
         destroy(ns)
         raise

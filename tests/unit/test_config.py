@@ -42,6 +42,7 @@ def test_every_used_field_maps_to_its_option_and_other_modes_fields_are_ignored(
         "udp_timeout": 0.25,
         "iptables_sync_period": 60.0,
         "iptables_min_sync_period": 1.0,
+        "masquerade_all": False,
         "nodeport_addresses": ("10.0.0.0/8",),
     }
 
@@ -53,6 +54,7 @@ def test_every_used_field_maps_to_its_option_and_other_modes_fields_are_ignored(
         ("iptables: {syncPeriod: soon}", "iptables.syncPeriod: invalid duration 'soon'"),
         ("iptables: {bogus: 1}", "unknown field 'iptables.bogus'"),
         ("mode: ipvs", "mode: 'ipvs' is not supported"),
+        ("iptables: {masqueradeAll: 1}", "iptables.masqueradeAll: expected true or false"),
         ("nodePortAddresses: [nonsense]", "nodePortAddresses[0]: 'nonsense' is not a CIDR"),
         ("bindAddressHardFail: yes please", "bindAddressHardFail: expected true or false"),
         ("clientConnection: 3", "clientConnection: expected a mapping"),
