@@ -213,6 +213,11 @@ class Bench:
         await asyncio.to_thread(wait_running, proc)
         return proc
 
+    def fresh_conntrack(self) -> None:
+        """Every measurement starts with an empty conntrack table: tens of thousands of
+        TIME_WAIT entries from the previous workload would otherwise slow the next one."""
+        subprocess.run(self.topo.argv("node", "conntrack", "-F"), capture_output=True, check=False)
+
     def stop(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:
@@ -535,6 +540,7 @@ async def main(args: argparse.Namespace) -> None:
                     peers = UDP_PEERS if name == "udp" else PEERS
                     shift = (r + w) % len(peers)
                     for peer in peers[shift:] + peers[:shift]:
+                        bench.fresh_conntrack()
                         result = await asyncio.to_thread(workload, bench, peer)
                         for key, value in result.items():
                             samples[peer].setdefault(key, []).append(value)
@@ -549,6 +555,7 @@ async def main(args: argparse.Namespace) -> None:
             await bench.start_userproxy("iptables")
             for _ in range(args.rounds):
                 for workload in WORKLOADS.values():
+                    bench.fresh_conntrack()
                     result = await asyncio.to_thread(workload, bench, IPTABLES_MODE)
                     for key, value in result.items():
                         samples[IPTABLES_MODE].setdefault(key, []).append(value)
