@@ -370,10 +370,11 @@ def ls(address: str, as_json: bool) -> None:
 
 @main.command()
 def rules() -> None:
-    """Print the iptables rules userproxy owns, in iptables-save form."""
+    """Print the iptables rules userproxy owns (either mode), in iptables-save form."""
+    from userproxy.iptables_mode.proxier import owned_rules_text as iptables_mode_rules
     from userproxy.portals.backends import owned_rules_text
 
-    click.echo(owned_rules_text(), nl=False)
+    click.echo(owned_rules_text() + iptables_mode_rules(), nl=False)
 
 
 def settings_from_options(options: dict[str, Any]) -> ProxySettings:

@@ -114,6 +114,8 @@ async def test_kernel_paths_spread_affinity_and_refusal(
     for netns in ("pod1", "node"):
         with pytest.raises(ConnectionRefusedError):
             await tcp(ns[netns], EMPTY_VIP, 80)
+    printed = topo.run_in(ns["node"], sys.executable, "-m", "userproxy", "rules")
+    assert "-A KUBE-NODEPORTS" in printed and "(iptables mode)" in printed
     shown = json.loads(topo.run_in(ns["node"], sys.executable, "-m", "userproxy", "ls", "--json"))
     assert shown["mode"] == "iptables"
     web = next(p for p in shown["service_ports"] if p["name"] == "default/web:tcp")

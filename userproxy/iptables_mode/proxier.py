@@ -110,8 +110,31 @@ def cleanup_variant(variant: backends.Variant) -> int:
     return removed
 
 
+def _owned_line(words: list[str]) -> bool:
+    if not words:
+        return False
+    if words[0].startswith(":"):
+        return rules._ours(words[0][1:])
+    jump = backends._jump_target(words) or ""
+    return words[0] == "-A" and (rules._ours(words[1]) or rules._ours(jump))
+
+
 def cleanup() -> int:
     return sum(cleanup_variant(v) for v in ("legacy", "nft"))
+
+
+def owned_rules_text() -> str:
+    """The iptables-mode rules userproxy wrote (marker present), in iptables-save form."""
+    out = []
+    for variant in ("legacy", "nft"):
+        texts = {t: backends.save(variant, t) for t in (rules.FILTER, rules.NAT)}
+        if f":{rules.MARKER} " not in texts[rules.NAT]:
+            continue
+        for table, text in texts.items():
+            lines = [line for line in text.splitlines() if _owned_line(line.split())]
+            if lines:
+                out += [f"# iptables-{variant} (iptables mode)", f"*{table}", *lines, "COMMIT"]
+    return "\n".join(out) + ("\n" if out else "")
 
 
 class KernelProxier:
