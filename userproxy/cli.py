@@ -199,6 +199,13 @@ def main() -> None:
     multiple=True,
     help="CIDRs (comma-separated or repeated) whose addresses answer NodePorts.",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Processes serving the data plane (SO_REUSEPORT; a client IP stays on one).",
+)
 @click.option("--cleanup", is_flag=True, help="Remove userproxy's iptables rules and exit.")
 @common_logging
 @click.pass_context
@@ -222,6 +229,11 @@ def run(ctx: click.Context, /, **options: Any) -> None:
     from userproxy.main import RunOptions, serve_kubernetes, serve_manifests
 
     run_options = RunOptions(
+        worker_args=(
+            "--log-format",
+            options["log_format"],
+            *(["-" + "v" * options["verbosity"]] if options["verbosity"] else []),
+        ),
         masquerade_all=options["masquerade_all"],
         proxy_name=options["service_proxy_name"],
         portal_config=portal_config,
@@ -336,6 +348,36 @@ def cleanup_command(verbosity: int, log_format: Any) -> None:
     sys.exit(do_cleanup())
 
 
+@main.command("_worker", hidden=True)
+@click.option("--channel-fd", type=int, required=True)
+@click.option("--bind-address", required=True)
+@click.option("--udp-timeout", type=DURATION, required=True)
+@click.option("--workers", type=int, required=True)
+@click.option("--allow-loopback", is_flag=True)
+@common_logging
+def worker(
+    channel_fd: int,
+    bind_address: str,
+    udp_timeout: float,
+    workers: int,
+    allow_loopback: bool,
+    verbosity: int,
+    log_format: Any,
+) -> None:
+    """A data-plane worker of `userproxy run --workers N` (started by the leader)."""
+    logs.configure(verbosity=verbosity, fmt=log_format)
+    raise_open_files_limit()
+    from userproxy.workers import run_worker
+
+    settings = ProxySettings(
+        bind_address=bind_address,
+        udp_idle_timeout=udp_timeout,
+        workers=workers,
+        allow_loopback_bind=allow_loopback,
+    )
+    sys.exit(run_async(run_worker(channel_fd, settings)))
+
+
 @main.command("ls")
 @click.option(
     "--address",
@@ -386,6 +428,7 @@ def settings_from_options(options: dict[str, Any]) -> ProxySettings:
         min_sync_period=options["iptables_min_sync_period"],
         node_name=(options["hostname_override"] or default_node_name()).lower(),
         mode=options.get("proxy_mode") or "userspace",
+        workers=options.get("workers") or 1,
     )
 
 

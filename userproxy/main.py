@@ -26,9 +26,11 @@ from userproxy.portals.backends import (
 )
 from userproxy.portals.manager import PortalManager
 from userproxy.portals.rules import PortalConfig
+from userproxy.proxier import Proxier
 from userproxy.servers import ServerError, Servers
 from userproxy.settings import ProxySettings
 from userproxy.sources.manifests import ManifestError, ManifestSource
+from userproxy.workers import WorkerPool, encode_state
 
 log = structlog.get_logger("userproxy")
 
@@ -40,6 +42,8 @@ class RunOptions:
     proxy_name: str | None = None
     portal_config: PortalConfig | None = None
     masquerade_all: bool = False
+    #: Extra `userproxy _worker` arguments (logging) for --workers.
+    worker_args: tuple[str, ...] = ()
     iptables_backend: BackendChoice = "auto"
     healthz_address: str = "0.0.0.0:10256"
     metrics_address: str = "127.0.0.1:10249"
@@ -81,6 +85,16 @@ def make_kernel_proxier(settings: ProxySettings, run: RunOptions) -> KernelProxi
     return KernelProxier(settings=settings, writer=writer, config=config)
 
 
+def worker_arguments(settings: ProxySettings, run: RunOptions) -> list[str]:
+    return [
+        "--bind-address", settings.bind_address,
+        "--udp-timeout", f"{settings.udp_idle_timeout}s",
+        "--workers", str(settings.workers),
+        *(["--allow-loopback"] if settings.allow_loopback_bind else []),
+        *run.worker_args,
+    ]  # fmt: skip
+
+
 def _sysctl(name: str) -> str:
     try:
         return Path(f"/proc/sys/{name}").read_text().strip()
@@ -103,11 +117,19 @@ async def prepared(settings: ProxySettings, run: RunOptions) -> AsyncIterator[Us
             f"cannot program iptables ({err}); run as root, or with --portals off"
         ) from err
     proxy = UserProxy(settings, proxy_name=run.proxy_name, portals=portals, proxier=proxier)
+    pool = None
+    if settings.workers > 1 and isinstance(proxy.proxier, Proxier):
+        pool = WorkerPool(settings.workers, worker_arguments(settings, run))
+        data_plane = proxy.proxier.data_plane
+        pool.state = lambda: encode_state(data_plane())
+        proxy.proxier.on_data_plane_change = pool.publish
+        await pool.start()
     servers = Servers(
         proxy,
         healthz_address=run.healthz_address,
         metrics_address=run.metrics_address,
         configz=run.configz,
+        worker_counters=pool.extra_counters if pool is not None else dict,
     )
     try:
         await servers.start()
@@ -120,6 +142,8 @@ async def prepared(settings: ProxySettings, run: RunOptions) -> AsyncIterator[Us
         yield proxy
     finally:
         await servers.stop()
+        if pool is not None:
+            await pool.stop()
         if proxy.runner.sync_count == 0:  # never started: UserProxy.stop() will not run
             if portals is not None:
                 await portals.close()

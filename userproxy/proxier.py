@@ -23,12 +23,13 @@ import structlog
 from userproxy.balancer import RoundRobinBalancer
 from userproxy.changes import EndpointsCache, ServiceChangeTracker, ServiceKey, names_of
 from userproxy.convert import EndpointsResult
-from userproxy.model import Protocol, ServicePort, ServicePortName
+from userproxy.model import Endpoint, Protocol, ServicePort, ServicePortName
 from userproxy.ports import PortAllocator, PortsExhausted, make_allocator
 from userproxy.proxy.stats import PortStats
 from userproxy.proxy.tcp import ClientSide, TcpProxy, abort_all
 from userproxy.proxy.udp import UdpProxy
 from userproxy.settings import ProxySettings
+from userproxy.workers import steer_by_client_ip
 
 log = structlog.get_logger("userproxy.proxier")
 
@@ -93,6 +94,8 @@ class Proxier:
         #: Service ports whose listener could not be opened, with the reason.
         self.failed: dict[ServicePortName, str] = {}
         self.request_sync: Callable[[], None] = lambda: None
+        #: Called after the data plane changed (listeners or endpoints): workers follow it.
+        self.on_data_plane_change: Callable[[], None] = lambda: None
         self._lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ source handlers
@@ -115,6 +118,7 @@ class Proxier:
             for key, (previous, current) in self.tracker.take().items():
                 await self._apply_change(key, names_of(previous), names_of(current))
             self.balancer.cleanup_stale_sessions(self.clock())
+            self.on_data_plane_change()
             if self.portals is not None:
                 await self.portals.sync(self.active_ports())
 
@@ -176,11 +180,7 @@ class Proxier:
             wanted = self.allocator.allocate()
             listener = self._make_listener(port, stats, connections)
             try:
-                bound = await listener.listen(
-                    host=self.settings.bind_address,
-                    port=wanted,
-                    reuse_port=self.settings.workers_reuse_port,
-                )
+                bound = await self._bind(listener, wanted)
             except OSError as err:
                 # Someone else holds this port of the range: keep it marked and try another.
                 last_error = err
@@ -188,6 +188,48 @@ class Proxier:
             return listener, bound
         assert last_error is not None
         raise last_error
+
+    async def _bind(self, listener: TcpProxy | UdpProxy, port: int) -> int:
+        workers = self.settings.workers
+        bound = await listener.listen(
+            host=self.settings.bind_address,
+            port=port,
+            reuse_port=self.settings.workers_reuse_port or workers > 1,
+        )
+        if workers > 1 and listener.sock is not None and ":" not in self.settings.bind_address:
+            steer_by_client_ip(listener.sock, workers)
+        return bound
+
+    async def follow(self, state: Sequence[tuple[ServicePort, int, list[Endpoint]]]) -> None:
+        """A worker's sync: serve exactly these service ports on these proxy ports (the
+        leader's), with these endpoints."""
+        async with self._lock:
+            wanted = {port.name: (port, proxy_port, eps) for port, proxy_port, eps in state}
+            for name, rt in list(self.runtimes.items()):
+                if name not in wanted or wanted[name][1] != rt.proxy_port:
+                    await self._remove(name)
+            for name, (port, proxy_port, eps) in wanted.items():
+                self.balancer.set_affinity(name, port.affinity)
+                if name not in self.runtimes:
+                    stats, connections = PortStats(), set[ClientSide]()
+                    listener = self._make_listener(port, stats, connections)
+                    try:
+                        await self._bind(listener, proxy_port)
+                    except OSError as err:
+                        log.error("A worker could not open a proxy port.", service=str(name),
+                                  proxy_port=proxy_port, reason=str(err))  # fmt: skip
+                        continue
+                    self.runtimes[name] = PortRuntime(
+                        port, proxy_port, listener, stats, connections
+                    )
+                self.balancer.update_endpoints(name, eps)
+
+    def data_plane(self) -> list[tuple[ServicePort, int, list[Endpoint]]]:
+        """What workers need: each served port, its proxy port and its endpoints."""
+        return [
+            (rt.port, rt.proxy_port, list(self.balancer.endpoints(name)))
+            for name, rt in sorted(self.runtimes.items())
+        ]
 
     def _make_listener(
         self, port: ServicePort, stats: PortStats, connections: set[ClientSide]
@@ -237,6 +279,7 @@ class Proxier:
             if runtime is None and not endpoints and not self.balancer.has_service(name):
                 continue
             self.balancer.update_endpoints(name, endpoints)
+            self.on_data_plane_change()
             if runtime is not None and had_endpoints != bool(endpoints):
                 self.request_sync()
 

@@ -25,6 +25,7 @@ from userproxy import health, status
 from userproxy.app import UserProxy
 from userproxy.iptables_mode.proxier import KernelProxier
 from userproxy.metrics import Metrics
+from userproxy.workers import Counters
 
 log = structlog.get_logger("userproxy.servers")
 
@@ -51,8 +52,11 @@ class Servers:
         metrics_address: str = "127.0.0.1:10249",
         configz: Mapping[str, Any] | None = None,
         clock: Callable[[], float] = time.time,
+        worker_counters: Callable[[], Counters] = dict,
     ) -> None:
         self.proxy = proxy
+        #: Counters of the other worker processes (`--workers`), added to ours in /status.
+        self.worker_counters = worker_counters
         self.metrics = Metrics(proxy)
         self.healthz_address = healthz_address
         self.metrics_address = metrics_address
@@ -121,7 +125,8 @@ class Servers:
         if isinstance(proxier, KernelProxier):
             return await proxier.status()
         errors = getattr(self.proxy.portals, "node_port_errors", None)
-        return {"mode": "userspace", **status.collect(proxier, errors)}
+        extra = self.worker_counters()
+        return {"mode": "userspace", **status.collect(proxier, errors, extra)}
 
     def _metrics_app(self) -> web.Application:
         async def metrics(request: web.Request) -> web.Response:

@@ -54,6 +54,9 @@ class ProxySettings:
     workers_reuse_port: bool = False
     """Bind listeners with SO_REUSEPORT (several worker processes on the same proxy ports)."""
 
+    workers: int = 1
+    """`--workers`: processes serving the data plane (SO_REUSEPORT, steered by client IP)."""
+
     def __post_init__(self) -> None:
         try:
             address = ipaddress.ip_address(self.bind_address)
@@ -68,6 +71,8 @@ class ProxySettings:
                 f"bind-address {self.bind_address} is a loopback address: cannot proxy on "
                 "localhost (portal rules cannot redirect traffic there); use 0.0.0.0 or a node IP"
             )
+        if not 1 <= self.workers <= 64:
+            raise SettingsError("workers must be between 1 and 64")
         if self.udp_idle_timeout <= 0:
             raise SettingsError("udp-timeout must be greater than zero")
         if self.min_sync_period < 0 or self.sync_period <= 0:

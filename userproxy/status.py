@@ -15,19 +15,29 @@ from typing import Any
 
 from userproxy.model import ServicePort, ServicePortName
 from userproxy.proxier import Proxier
-from userproxy.proxy.stats import snapshot
+from userproxy.proxy.stats import CountersSnapshot, snapshot
 
 Status = dict[str, Any]
 
 
-def collect(proxier: Proxier, node_port_errors: dict[ServicePortName, str] | None = None) -> Status:
+def collect(
+    proxier: Proxier,
+    node_port_errors: dict[ServicePortName, str] | None = None,
+    extra: dict[str, dict[str, CountersSnapshot]] | None = None,
+) -> Status:
+    """`extra`: counters of other worker processes, per service port and endpoint."""
     ports = []
     for name, rt in sorted(proxier.runtimes.items()):
         port = rt.port
         current = set(proxier.balancer.endpoints(name))
+        theirs = (extra or {}).get(str(name), {})
+        merged = {ep: snapshot(c) for ep, c in rt.stats.endpoints.items()}
+        for ep in current:
+            merged.setdefault(ep, CountersSnapshot())
+        for ep, c in list(merged.items()):
+            merged[ep] = c + theirs.get(str(ep), CountersSnapshot())
         endpoints = []
-        for ep, counters in sorted(rt.stats.endpoints.items()):
-            c = snapshot(counters)
+        for ep, c in sorted(merged.items()):
             if ep in current or c.active:
                 endpoints.append(
                     {
@@ -40,18 +50,6 @@ def collect(proxier: Proxier, node_port_errors: dict[ServicePortName, str] | Non
                         "removed": ep not in current,
                     }
                 )
-        for ep in sorted(current - set(rt.stats.endpoints)):
-            endpoints.append(
-                {
-                    "address": str(ep),
-                    "active": 0,
-                    "total": 0,
-                    "bytes_from_clients": 0,
-                    "bytes_to_clients": 0,
-                    "dial_failures": 0,
-                    "removed": False,
-                }
-            )
         ports.append(
             {
                 "name": str(name),

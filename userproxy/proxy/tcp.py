@@ -229,6 +229,8 @@ class TcpProxy:
         self.dial_timeouts = dial_timeouts
         self.loop = asyncio.get_running_loop()
         self._server: asyncio.Server | None = None
+        #: The listening socket, once listening.
+        self.sock: socket.socket | None = None
 
     async def listen(self, *, host: str, port: int, reuse_port: bool = False) -> int:
         """Bind and start accepting; returns the bound port (the kernel's choice for port 0).
@@ -246,6 +248,7 @@ class TcpProxy:
             self._server = await self.loop.create_server(
                 lambda: ClientSide(self), sock=sock, backlog=socket.SOMAXCONN
             )
+            self.sock = sock
         except BaseException:
             sock.close()
             raise

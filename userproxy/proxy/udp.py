@@ -120,6 +120,10 @@ class UdpProxy:
         self.loop.add_reader(sock.fileno(), self._on_datagrams)
         return int(sock.getsockname()[1])
 
+    @property
+    def sock(self) -> socket.socket | None:
+        return self._sock
+
     def close_listener(self) -> None:
         """Close the service socket and every flow (their replies could not leave anyway)."""
         for flow in list(self.flows.values()):

@@ -1,0 +1,114 @@
+"""`userproxy run --workers 2`: two processes on the same proxy ports; a client IP stays on one
+process, so ClientIP affinity holds; `ls` adds up both processes' counters."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import sys
+from pathlib import Path
+
+import aiohttp
+import yaml
+
+from tests.helpers import TcpBackend
+from userproxy.objects import endpoint_slice, service
+from userproxy.workers import decode_state, encode_state
+
+CLIENT_IPS = [f"127.0.0.{i}" for i in range(1, 9)]
+
+
+async def name_from(port: int, source: str) -> str:
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setblocking(False)
+    sock.bind((source, 0))
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, ("127.0.0.1", port)), 3)
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 100), 3)
+            assert chunk, "closed before the name arrived"
+            data += chunk
+        return data.decode().strip()
+    finally:
+        sock.close()
+
+
+async def test_two_workers_keep_affinity_and_report_every_connection(
+    tmp_path: Path, backends: list[TcpBackend]
+) -> None:
+    manifest = [
+        service("sticky", cluster_ip="10.96.0.10", ports=[("http", 80)], session_affinity=True),
+        endpoint_slice(
+            "sticky", addresses=["127.0.0.1"], ports=[("http", backends[0].port)], name="s1"
+        ),
+        endpoint_slice(
+            "sticky", addresses=["127.0.0.1"], ports=[("http", backends[1].port)], name="s2"
+        ),
+    ]
+    path = tmp_path / "svc.yaml"
+    path.write_text(yaml.safe_dump_all(manifest))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "userproxy", "run", "--manifests", str(path), "--workers", "2",
+        "--portals", "off", "--healthz-bind-address", "", "--metrics-bind-address", "127.0.0.1:0",
+        "--log-format", "json", stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    metrics = ""
+    try:
+        assert proc.stderr is not None
+        while True:
+            event = json.loads(await asyncio.wait_for(proc.stderr.readline(), 15))
+            if event["event"] == "Serving metrics.":
+                metrics = event["address"]
+            if event["event"] == "userproxy is running.":
+                break
+
+        async def status() -> dict:  # type: ignore[type-arg]
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"http://{metrics}/status") as response,
+            ):
+                return await response.json()  # type: ignore[no-any-return]
+
+        (entry,) = (await status())["service_ports"]
+        port = entry["proxy_port"]
+
+        async def listeners() -> str:
+            ss = await asyncio.create_subprocess_exec(
+                "ss", "-Hltnp", f"sport = :{port}", stdout=asyncio.subprocess.PIPE
+            )
+            return (await ss.communicate())[0].decode()
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while (await listeners()).count("users:") != 2:  # two processes in the group
+            assert loop.time() < deadline, await listeners()
+            await asyncio.sleep(0.1)
+        seen: dict[str, set[str]] = {}
+        for _ in range(4):
+            for ip in CLIENT_IPS:
+                seen.setdefault(ip, set()).add(await name_from(port, ip))
+        assert all(len(names) == 1 for names in seen.values()), seen  # affinity held
+        assert {n for names in seen.values() for n in names} == {"pod1", "pod2"}
+
+        async def total() -> int:
+            return sum(e["total"] for e in (await status())["service_ports"][0]["endpoints"])
+
+        deadline = loop.time() + 5
+        while await total() != 4 * len(CLIENT_IPS):  # workers report every second
+            assert loop.time() < deadline, await status()
+            await asyncio.sleep(0.2)
+    finally:
+        proc.terminate()
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+
+
+def test_state_round_trips() -> None:
+    from userproxy.model import Affinity, Endpoint, ServicePort, ServicePortName
+
+    port = ServicePort(ServicePortName("ns", "web", "http"), "10.96.0.1", 80,
+                       affinity=Affinity(True, 60))  # fmt: skip
+    state = [(port, 40000, [Endpoint("10.0.0.1", 8080)])]
+    assert decode_state(encode_state(state)) == state
