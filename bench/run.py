@@ -8,7 +8,8 @@ Topology (bench/netns.py): client -> proxy node -> two backend namespaces, all s
   haproxy         HAProxy 2.6, mode tcp, its defaults, one thread
   haproxy-tuned   the same with forced splice both ways (splice-request/response), one thread
   userproxy       `userproxy run --kubeconfig` (the fake API server), portals on, one process
-  userproxy iptables mode   the same with `--proxy-mode iptables` (measured after the rounds)
+  userproxy --workers 2     the same with two data-plane processes (after the rounds)
+  userproxy iptables mode   the same with `--proxy-mode iptables` (after the rounds)
 Workloads: iperf3 TCP bulk 1 and 8 streams; wrk new connections (Connection: close) and
 keep-alive requests with p50/p99 (nginx backends); 64-byte echo round trips; iperf3 UDP
 64-byte datagrams at a fixed offered rate (pps received, loss); proxy RSS per idle connection
@@ -49,7 +50,10 @@ PEERS = ["none", "kernel DNAT", "haproxy", "haproxy-tuned", "userproxy"]
 UDP_PEERS = ["none", "kernel DNAT", "userproxy"]
 #: Measured after the interleaved rounds: the two userproxy modes cannot run side by side.
 IPTABLES_MODE = "userproxy iptables mode"
-ALL_PEERS = [*PEERS, IPTABLES_MODE]
+TWO_WORKERS = "userproxy --workers 2"
+#: Peers measured one after the other once the rounds are done, with their extra flags.
+AFTER_ROUNDS = {TWO_WORKERS: ["--workers", "2"], IPTABLES_MODE: ["--proxy-mode", "iptables"]}
+ALL_PEERS = [*PEERS, *AFTER_ROUNDS]
 WEB, ECHO, IPERF = 80, 7, 5201
 UDP_RATE_PPS = 100_000
 IDLE_CONNECTIONS = 3000
@@ -66,6 +70,8 @@ TARGETS: dict[str, dict[str, tuple[str, int]]] = {
                   "iperf": ("10.96.0.12", IPERF)},
     IPTABLES_MODE: {"web": ("10.96.0.10", WEB), "echo": ("10.96.0.11", ECHO),
                     "iperf": ("10.96.0.12", IPERF)},
+    TWO_WORKERS: {"web": ("10.96.0.10", WEB), "echo": ("10.96.0.11", ECHO),
+                  "iperf": ("10.96.0.12", IPERF)},
 }  # fmt: skip
 
 
@@ -197,19 +203,21 @@ class Bench:
         self.fake.apply(endpoint_slice("iperf", addresses=be[:1],
                                        ports=[("tcp", IPERF), ("udp", IPERF, "UDP")]))  # fmt: skip
 
-    async def start_userproxy(self, mode: str = "userspace") -> subprocess.Popen[bytes]:
+    async def start_userproxy(
+        self, extra: list[str] | None = None, peer: str = "userproxy"
+    ) -> subprocess.Popen[bytes]:
         kubeconfig = self.fake.kubeconfig(self.work / "kubeconfig")
         # USERPROXY_PROFILE=FILE runs userproxy under cProfile (for finding what to tune).
         profile = os.environ.get("USERPROXY_PROFILE")
         wrap = ["-m", "cProfile", "-o", profile] if profile else []
         proc = self.topo.spawn(
             "node", sys.executable, *wrap, "-m", "userproxy", "run",
-            "--kubeconfig", str(kubeconfig), "--proxy-mode", mode,
+            "--kubeconfig", str(kubeconfig), *(extra or []),
             "--iptables-backend", "nft", "--iptables-min-sync-period", "0s",
             "--log-format", "json", stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
         )  # fmt: skip
         self.procs.append(proc)
-        self.pids["userproxy" if mode == "userspace" else f"userproxy {mode}"] = [proc.pid]
+        self.pids[peer] = [proc.pid]
         await asyncio.to_thread(wait_running, proc)
         return proc
 
@@ -445,9 +453,9 @@ METRICS = [  # key, header, format, higher is better
 
 def report(medians: dict[str, dict[str, float]], control: dict[str, float], rounds: int) -> str:
     lines = [f"Medians of {rounds} interleaved rounds, one run, this machine "
-             f"({os.cpu_count()} cores). Every proxy runs one thread/process. The iptables-mode "
-             "row is measured after the interleaved rounds, in the same run (the two modes "
-             "cannot run side by side).", ""]  # fmt: skip
+             f"({os.cpu_count()} cores). Every proxy runs one thread/process except "
+             f"`{TWO_WORKERS}`. The last two rows are measured after the interleaved rounds, "
+             "in the same run (userproxy instances cannot run side by side).", ""]  # fmt: skip
     lines.append("| peer | " + " | ".join(h for _, h, _, _ in METRICS) + " |")
     lines.append("|---|" + "---:|" * len(METRICS))
     for peer in ALL_PEERS:
@@ -550,16 +558,18 @@ async def main(args: argparse.Namespace) -> None:
                 for key, value in (await asyncio.to_thread(idle_memory, bench, peer)).items():
                     samples[peer].setdefault(key, []).append(value)
             control.update(await endpoint_change_delay(bench))
-            userspace.terminate()
-            await asyncio.to_thread(userspace.wait, 30)
-            await bench.start_userproxy("iptables")
-            for _ in range(args.rounds):
-                for workload in WORKLOADS.values():
-                    bench.fresh_conntrack()
-                    result = await asyncio.to_thread(workload, bench, IPTABLES_MODE)
-                    for key, value in result.items():
-                        samples[IPTABLES_MODE].setdefault(key, []).append(value)
-            print(f"iptables mode done at {time.monotonic() - started:.0f}s", flush=True)
+            running = userspace
+            for peer, extra in AFTER_ROUNDS.items():
+                running.terminate()
+                await asyncio.to_thread(running.wait, 30)
+                running = await bench.start_userproxy(extra, peer)
+                for _ in range(args.rounds):
+                    for workload in WORKLOADS.values():
+                        bench.fresh_conntrack()
+                        result = await asyncio.to_thread(workload, bench, peer)
+                        for key, value in result.items():
+                            samples[peer].setdefault(key, []).append(value)
+                print(f"{peer} done at {time.monotonic() - started:.0f}s", flush=True)
         finally:
             bench.stop()
             await bench.fake.stop()
