@@ -11,6 +11,7 @@ from pathlib import Path
 
 import aiohttp
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import TcpBackend
 from userproxy.objects import endpoint_slice, service
@@ -100,6 +101,18 @@ async def test_two_workers_keep_affinity_and_report_every_connection(
         while await total() != 4 * len(CLIENT_IPS):  # workers report every second
             assert loop.time() < deadline, await status()
             await asyncio.sleep(0.2)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://{metrics}/metrics") as response,
+        ):
+            text = await response.text()
+        connections = [
+            s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == "userproxy_connections_total"
+        ]
+        assert sum(connections) == 4 * len(CLIENT_IPS)  # /metrics adds the workers up too
     finally:
         proc.terminate()
         assert await asyncio.wait_for(proc.wait(), 15) == 0

@@ -17,7 +17,8 @@ from prometheus_client.registry import Collector
 
 from userproxy.iptables_mode.proxier import KernelProxier
 from userproxy.model import Protocol
-from userproxy.proxy.stats import snapshot
+from userproxy.proxy.stats import CountersSnapshot, snapshot
+from userproxy.workers import Counters
 
 if TYPE_CHECKING:
     from userproxy.app import UserProxy
@@ -27,7 +28,12 @@ SYNC_BUCKETS = tuple(0.001 * 2**i for i in range(15))
 
 
 class Metrics:
-    def __init__(self, proxy: UserProxy, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        proxy: UserProxy,
+        registry: CollectorRegistry | None = None,
+        worker_counters: Callable[[], Counters] = dict,
+    ) -> None:
         self.registry = registry or CollectorRegistry()
         self.sync_duration = Histogram(
             "kubeproxy_sync_proxy_rules_duration_seconds",
@@ -47,7 +53,7 @@ class Metrics:
             ["code"],
             registry=self.registry,
         )
-        self.registry.register(_ProxyCollector(proxy))
+        self.registry.register(_ProxyCollector(proxy, worker_counters))
         previous: Callable[[float], None] = proxy.runner.on_synced
 
         def synced(duration: float) -> None:
@@ -58,8 +64,9 @@ class Metrics:
 
 
 class _ProxyCollector(Collector):
-    def __init__(self, proxy: UserProxy) -> None:
+    def __init__(self, proxy: UserProxy, worker_counters: Callable[[], Counters]) -> None:
         self.proxy = proxy
+        self.worker_counters = worker_counters
 
     def collect(self) -> Iterator[Metric]:
         yield from self._sync_series()
@@ -156,9 +163,12 @@ class _ProxyCollector(Collector):
             base = [str(name), rt.port.protocol.value]
             endpoints.add_metric(base, len(proxier.balancer.endpoints(name)))  # type: ignore[union-attr]
             rejected.add_metric(base, rt.stats.rejected)
-            for ep, counters in rt.stats.endpoints.items():
-                c = snapshot(counters)
-                values = [*base, str(ep)]
+            theirs = self.worker_counters().get(str(name), {})
+            merged = {str(ep): snapshot(c) for ep, c in rt.stats.endpoints.items()}
+            for ep, c in theirs.items():  # other worker processes' share (--workers)
+                merged[ep] = merged.get(ep, CountersSnapshot()) + c
+            for ep, c in merged.items():
+                values = [*base, ep]
                 for field, family in families.items():
                     family.add_metric(values, getattr(c, field))
                 if rt.port.protocol is Protocol.UDP:

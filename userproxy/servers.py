@@ -57,7 +57,7 @@ class Servers:
         self.proxy = proxy
         #: Counters of the other worker processes (`--workers`), added to ours in /status.
         self.worker_counters = worker_counters
-        self.metrics = Metrics(proxy)
+        self.metrics = Metrics(proxy, worker_counters=worker_counters)
         self.healthz_address = healthz_address
         self.metrics_address = metrics_address
         self.configz = dict(configz or {})
