@@ -136,6 +136,8 @@ async def prepared(settings: ProxySettings, run: RunOptions) -> AsyncIterator[Us
     except ServerError as err:
         if run.bind_address_hard_fail:
             await servers.stop()
+            if pool is not None:
+                await pool.stop()
             raise StartupError(str(err)) from err
         log.error("Continuing without the server.", reason=str(err))
     try:
