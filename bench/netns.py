@@ -8,16 +8,15 @@ by veth pairs through the node (which routes), none linked to the root namespace
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
 import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from tests.netns.topology import inside
+
 T = TypeVar("T")
-_CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 
 NODE_CLIENT_SIDE, CLIENT = "10.0.1.1", "10.0.1.2"
 BACKENDS = {"be1": "10.0.2.2", "be2": "10.0.3.2"}
@@ -76,19 +75,13 @@ class Topology:
 
     def call(self, where: str, fn: Callable[[], T]) -> T:
         """Run `fn` in a fresh thread switched into the namespace (its sockets live there)."""
-        path = f"/run/netns/{self.ns[where]}"
 
-        def inside() -> T:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                if _libc.setns(fd, _CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), f"setns {path}")
-            finally:
-                os.close(fd)
-            return fn()
+        def run() -> T:
+            with inside(self.ns[where]):
+                return fn()
 
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            return pool.submit(inside).result()
+            return pool.submit(run).result()
 
 
 def rss_kib(pid: int) -> int:

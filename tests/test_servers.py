@@ -79,8 +79,12 @@ async def test_healthz_turns_503_when_syncs_hang_and_200_when_they_resume(
     portals.released.clear()  # the next rule write hangs
     proxy.router.upsert(service("more", cluster_ip="10.96.0.11", ports=[("http", 80)]))
     proxy.runner.request()
-    await asyncio.sleep(1.3)  # longer than twice the 0.5 s sync period
-    assert (await get(servers, "healthz", "/healthz"))[0] == 503
+    # Unhealthy once the update has waited longer than twice the 0.5 s sync period.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 3
+    while (await get(servers, "healthz", "/healthz"))[0] != 503:
+        assert loop.time() < deadline, "healthz never turned 503"
+        await asyncio.sleep(0.05)
     code, body, _ = await get(servers, "healthz", "/livez")
     assert code == 503 and "nodeEligible" not in json.loads(body)
     portals.released.set()

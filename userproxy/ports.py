@@ -70,19 +70,9 @@ def parse_port_range(text: str | None) -> PortRange | None:
 
 class PortAllocator(Protocol):
     def allocate(self) -> int:
-        """A free port, or 0 to let the kernel choose. Raises PortsExhausted."""
+        """A free port. Raises PortsExhausted."""
 
     def release(self, port: int) -> None: ...
-
-
-class KernelPortAllocator:
-    """Every listener binds port 0 and the kernel picks an ephemeral port."""
-
-    def allocate(self) -> int:
-        return 0
-
-    def release(self, port: int) -> None:
-        return None
 
 
 class RangePortAllocator:

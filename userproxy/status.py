@@ -36,20 +36,11 @@ def collect(
             merged.setdefault(ep, CountersSnapshot())
         for ep, c in list(merged.items()):
             merged[ep] = c + theirs.get(str(ep), CountersSnapshot())
-        endpoints = []
-        for ep, c in sorted(merged.items()):
-            if ep in current or c.active:
-                endpoints.append(
-                    {
-                        "address": str(ep),
-                        "active": c.active,
-                        "total": c.total,
-                        "bytes_from_clients": c.bytes_from_clients,
-                        "bytes_to_clients": c.bytes_to_clients,
-                        "dial_failures": c.dial_failures,
-                        "removed": ep not in current,
-                    }
-                )
+        endpoints = [
+            endpoint_row(str(ep), c, removed=ep not in current)
+            for ep, c in sorted(merged.items())
+            if ep in current or c.active
+        ]
         ports.append(
             {
                 "name": str(name),
@@ -68,6 +59,23 @@ def collect(
         )
     failed = [{"name": str(n), "reason": r} for n, r in sorted(proxier.failed.items())]
     return {"service_ports": ports, "failed": failed}
+
+
+def endpoint_row(
+    address: str, counters: CountersSnapshot | None, *, removed: bool = False
+) -> dict[str, Any]:
+    """One endpoint of `ls`; None counters (iptables mode) are the ones the kernel keeps no
+    record of."""
+    c = counters
+    return {
+        "address": address,
+        "active": c.active if c else None,
+        "total": c.total if c else None,
+        "bytes_from_clients": c.bytes_from_clients if c else None,
+        "bytes_to_clients": c.bytes_to_clients if c else None,
+        "dial_failures": c.dial_failures if c else None,
+        "removed": removed,
+    }
 
 
 def affinity_text(port: ServicePort) -> str:

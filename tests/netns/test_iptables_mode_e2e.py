@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from tests.netns import topology as topo
-from tests.netns.test_portals_e2e import PODS, _spawn, tcp, udp
+from tests.netns.procs import start_backends, start_userproxy, stop_all
+from tests.netns.test_portals_e2e import PODS, tcp, udp
 from userproxy.objects import endpoint_slice, service
 
 pytestmark = [
@@ -56,34 +57,19 @@ async def node(tmp_path: Path) -> AsyncIterator[tuple[dict[str, str], Path, Star
     path = tmp_path / "svc.yaml"
     path.write_text(yaml.safe_dump_all(manifest()))
     try:
-        for pod in topo.POD_IPS:
-            p = await _spawn(
-                ns[pod], sys.executable, str(Path(__file__).parent / "backend.py"), pod
-            )
-            procs.append(p)
-            assert p.stdout is not None
-            assert await asyncio.wait_for(p.stdout.readline(), 10) == b"ready\n"
+        procs += await start_backends(ns)
 
         async def start(mode: str) -> asyncio.subprocess.Process:
-            proxy = await _spawn(
-                ns["node"], sys.executable, "-m", "userproxy", "run", "--manifests", str(path),
-                "--proxy-mode", mode, "--iptables-backend", "nft",
-                "--iptables-min-sync-period", "0s", "--log-format", "json",
+            proxy = await start_userproxy(
+                ns["node"], "--manifests", str(path), "--proxy-mode", mode,
+                "--iptables-backend", "nft", "--iptables-min-sync-period", "0s",
             )  # fmt: skip
             procs.append(proxy)
-            assert proxy.stderr is not None
-            while True:
-                line = await asyncio.wait_for(proxy.stderr.readline(), 15)
-                assert line, "userproxy exited during startup"
-                if json.loads(line)["event"] == "userproxy is running.":
-                    return proxy
+            return proxy
 
         yield ns, path, start
     finally:
-        for p in procs:
-            if p.returncode is None:
-                p.terminate()
-                await asyncio.wait_for(p.wait(), 10)
+        await stop_all(procs)
         topo.destroy(ns)
 
 

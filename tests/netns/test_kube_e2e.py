@@ -5,9 +5,7 @@ client reach ClusterIPs and NodePorts as the API changes."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ import pytest
 
 from tests.fakekube import FakeKube
 from tests.netns import topology as topo
+from tests.netns.procs import start_backends, start_userproxy, stop_all
 from tests.netns.test_portals_e2e import PODS, tcp, udp
 from userproxy.objects import endpoint_slice, service
 
@@ -35,35 +34,16 @@ async def cluster(tmp_path: Path) -> AsyncIterator[tuple[dict[str, str], FakeKub
         sock = topo.socket_in(ns["node"])
         sock.bind(("127.0.0.1", 0))
         await fake.start(sock=sock)
-        for pod in topo.POD_IPS:
-            p = await asyncio.create_subprocess_exec(
-                "ip", "netns", "exec", ns[pod], sys.executable,
-                str(Path(__file__).parent / "backend.py"), pod,
-                stdout=asyncio.subprocess.PIPE,
-            )  # fmt: skip
-            procs.append(p)
-            assert p.stdout is not None
-            assert await asyncio.wait_for(p.stdout.readline(), 10) == b"ready\n"
-        proxy = await asyncio.create_subprocess_exec(
-            "ip", "netns", "exec", ns["node"], sys.executable, "-m", "userproxy", "run",
-            "--kubeconfig", str(fake.kubeconfig(tmp_path / "kubeconfig")),
-            "--iptables-backend", "nft", "--iptables-min-sync-period", "100ms",
-            "--log-format", "json", "-v",
-            stderr=asyncio.subprocess.PIPE,
+        procs += await start_backends(ns)
+        kubeconfig = str(fake.kubeconfig(tmp_path / "kubeconfig"))
+        proxy = await start_userproxy(
+            ns["node"], "--kubeconfig", kubeconfig, "--iptables-backend", "nft",
+            "--iptables-min-sync-period", "100ms", "-v",
         )  # fmt: skip
         procs.append(proxy)
-        assert proxy.stderr is not None
-        while True:
-            line = await asyncio.wait_for(proxy.stderr.readline(), 15)
-            assert line, "userproxy exited during startup"
-            if json.loads(line)["event"] == "userproxy is running.":
-                break
         yield ns, fake
     finally:
-        for p in procs:
-            if p.returncode is None:
-                p.terminate()
-                await asyncio.wait_for(p.wait(), 10)
+        await stop_all(procs)
         await fake.stop()
         topo.destroy(ns)
 

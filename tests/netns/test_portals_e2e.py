@@ -4,7 +4,6 @@ node namespace, backends in two pods, clients in pods, on the node and outside, 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import socket
 import sys
@@ -16,6 +15,7 @@ import pytest
 import yaml
 
 from tests.netns import topology as topo
+from tests.netns.procs import start_backends, start_userproxy, stop_all
 from userproxy.objects import endpoint_slice, service
 
 pytestmark = [
@@ -52,60 +52,26 @@ def net() -> Any:
     topo.destroy(ns)
 
 
-async def _spawn(netns: str, *argv: str) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        "ip",
-        "netns",
-        "exec",
-        netns,
-        *argv,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-
-
 @pytest.fixture
 async def cluster(net: dict[str, str], tmp_path: Path, request: Any) -> AsyncIterator[Any]:
-    procs = []
-    for pod in topo.POD_IPS:
-        p = await _spawn(net[pod], sys.executable, str(Path(__file__).parent / "backend.py"), pod)
-        procs.append(p)
-        assert p.stdout is not None
-        assert await asyncio.wait_for(p.stdout.readline(), 10) == b"ready\n"
+    procs = await start_backends(net)
     path = tmp_path / "svc.yaml"
     path.write_text(yaml.safe_dump_all(manifest()))
-    proxy = await _spawn(
-        net["node"],
-        sys.executable,
-        "-m",
-        "userproxy",
-        "run",
-        "--manifests",
-        str(path),
-        "--iptables-backend",
-        request.param,
-        "--iptables-sync-period",
-        "2s",
-        "--log-format",
-        "json",
-        "-v",
-    )
-    procs.append(proxy)
     ports: dict[str, int] = {}
-    assert proxy.stderr is not None
-    while True:
-        line = await asyncio.wait_for(proxy.stderr.readline(), 15)
-        assert line, "userproxy exited during startup"
-        event = json.loads(line)
+
+    def note_port(event: dict[str, Any]) -> None:
         if "proxy_port" in event:
             ports[event["service"]] = event["proxy_port"]
-        if event["event"] == "userproxy is running.":
-            break
-    yield net, ports, proxy, path
-    for p in procs:
-        if p.returncode is None:
-            p.terminate()
-            await asyncio.wait_for(p.wait(), 10)
+
+    try:
+        proxy = await start_userproxy(
+            net["node"], "--manifests", str(path), "--iptables-backend", request.param,
+            "--iptables-sync-period", "2s", "-v", on_event=note_port,
+        )  # fmt: skip
+        procs.append(proxy)
+        yield net, ports, proxy, path
+    finally:
+        await stop_all(procs)
 
 
 async def tcp(netns: str, host: str, port: int) -> str:

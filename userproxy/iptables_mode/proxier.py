@@ -30,7 +30,7 @@ from userproxy.portals import backends
 from userproxy.portals.rules import plan_jumps
 from userproxy.proxier import ActivePort
 from userproxy.settings import ProxySettings
-from userproxy.status import affinity_text
+from userproxy.status import affinity_text, endpoint_row
 
 log = structlog.get_logger("userproxy.iptables_mode")
 
@@ -44,24 +44,20 @@ class KernelRuleWriter:
     def apply(self, desired: rules.KernelRuleset, *, full: bool) -> None:
         written, self._written = self._written, None  # unknown until this batch lands
         if full or written is None:
-            existing = {t: self._chains(t) for t in (rules.FILTER, rules.NAT)}
-            present = backends.builtin_chain_lines(
-                {t: self.restore._list_builtins(t, rules.JUMPS) for t in (rules.FILTER, rules.NAT)},
-                rules.JUMPS,
-            )
+            # One dump per table gives both the chains that exist and the built-in chains'
+            # jumps.
+            texts = {t: backends.save(self.variant, t) for t in TABLES}
+            existing = {t: _chain_names(text) for t, text in texts.items()}
+            present = backends.builtin_chain_lines(texts, rules.JUMPS)
             targets = {k: backends.jump_targets(v) for k, v in present.items()}
             plan = plan_jumps(targets, rules.JUMPS)
             text = rules.restore_text(desired, None, existing, add_jumps=plan.add)
         else:
-            existing = {t: set(written.chains[t]) for t in (rules.FILTER, rules.NAT)}
+            existing = {t: set(written.chains[t]) for t in TABLES}
             text = rules.restore_text(desired, written, existing)
         if text:
             self.restore._restore(text, verify=True)
         self._written = desired
-
-    def _chains(self, table: str) -> set[str]:
-        text = backends.save(self.variant, table)
-        return {line[1:].split()[0] for line in text.splitlines() if line.startswith(":")}
 
     def packet_counts(self) -> dict[str, int]:
         """Packets through each KUBE-SEP chain's DNAT rule: in the nat table only the first
@@ -77,46 +73,24 @@ class KernelRuleWriter:
 _SEP_DNAT = re.compile(r"^\[(?P<packets>\d+):\d+\] -A (?P<chain>KUBE-SEP-\w+) .*-j DNAT", re.M)
 
 
+TABLES = (rules.FILTER, rules.NAT)
+
+
+def _chain_names(text: str) -> set[str]:
+    return {line[1:].split()[0] for line in text.splitlines() if line.startswith(":")}
+
+
+def _our_dumps(variant: backends.Variant) -> dict[str, str] | None:
+    """The variant's table dumps if userproxy's iptables mode wrote into it (the marker
+    chain exists), else None: kube-proxy's chains of the same names are never touched."""
+    texts = {t: backends.save(variant, t) for t in TABLES}
+    return texts if f":{rules.MARKER} " in texts[rules.NAT] else None
+
+
 def cleanup_variant(variant: backends.Variant) -> int:
-    """Remove iptables-mode chains and jumps from one variant, if userproxy wrote them (the
-    marker chain exists): kube-proxy's chains of the same names are never touched."""
-    tool = f"iptables-{variant}-restore"
-    nat = backends.save(variant, "nat")
-    if f":{rules.MARKER} " not in nat:
-        return 0
-    batch, removed = [], 0
-    for table in (rules.FILTER, rules.NAT):
-        text = nat if table == rules.NAT else backends.save(variant, table)
-        chains = [ln[1:].split()[0] for ln in text.splitlines() if ln.startswith(":")]
-        ours = [c for c in chains if rules._ours(c)]
-        jumps = [
-            ln
-            for ln in text.splitlines()
-            if ln.startswith("-A ")
-            and ln.split()[1] not in ours
-            and (backends._jump_target(ln.split()) or "") in ours
-        ]
-        if not ours and not jumps:
-            continue
-        removed += len(ours) + len(jumps)
-        batch += [f"*{table}", *("-D" + ln[2:] for ln in jumps)]
-        batch += [f":{c} - [0:0]" for c in ours] + [f"-X {c}" for c in ours] + ["COMMIT"]
-    result = subprocess.run(
-        [tool, "--noflush", "-w", "5"], input="\n".join(batch) + "\n", capture_output=True,
-        text=True, check=False,
-    )  # fmt: skip
-    if result.returncode != 0:
-        raise backends.RulesError(f"{tool} could not remove the rules: {result.stderr.strip()}")
-    return removed
-
-
-def _owned_line(words: list[str]) -> bool:
-    if not words:
-        return False
-    if words[0].startswith(":"):
-        return rules._ours(words[0][1:])
-    jump = backends._jump_target(words) or ""
-    return words[0] == "-A" and (rules._ours(words[1]) or rules._ours(jump))
+    """Remove iptables-mode chains and jumps from one variant, if userproxy wrote them."""
+    texts = _our_dumps(variant)
+    return 0 if texts is None else backends.remove_chains(variant, texts, rules._ours)
 
 
 def cleanup() -> int:
@@ -124,17 +98,13 @@ def cleanup() -> int:
 
 
 def owned_rules_text() -> str:
-    """The iptables-mode rules userproxy wrote (marker present), in iptables-save form."""
-    out = []
+    """The iptables-mode rules userproxy wrote, in iptables-save form."""
+    out = ""
     for variant in ("legacy", "nft"):
-        texts = {t: backends.save(variant, t) for t in (rules.FILTER, rules.NAT)}
-        if f":{rules.MARKER} " not in texts[rules.NAT]:
-            continue
-        for table, text in texts.items():
-            lines = [line for line in text.splitlines() if _owned_line(line.split())]
-            if lines:
-                out += [f"# iptables-{variant} (iptables mode)", f"*{table}", *lines, "COMMIT"]
-    return "\n".join(out) + ("\n" if out else "")
+        texts = _our_dumps(variant)
+        if texts is not None:
+            out += backends.owned_text(variant, texts, rules._ours, " (iptables mode)")
+    return out
 
 
 class KernelProxier:
@@ -238,12 +208,6 @@ class KernelProxier:
 
 
 def _endpoint_row(port: ServicePort, ep: Endpoint, counts: dict[str, int]) -> dict[str, Any]:
-    return {
-        "address": str(ep),
-        "active": None,
-        "total": counts.get(rules.endpoint_chain(port, ep), 0),
-        "bytes_from_clients": None,
-        "bytes_to_clients": None,
-        "dial_failures": None,
-        "removed": False,
-    }
+    row = endpoint_row(str(ep), None)
+    row["total"] = counts.get(rules.endpoint_chain(port, ep), 0)  # connections, per DNAT rule
+    return row

@@ -72,15 +72,16 @@ def save(variant: Variant, table: str) -> str:
     return result.stdout if result.returncode == 0 else ""
 
 
-def owned_lines(text: str) -> list[str]:
-    """The lines of an iptables-save table dump that userproxy owns: chains, rules, jumps."""
+def owned_lines(text: str, ours: Callable[[str], bool] = OWNED_CHAINS.__contains__) -> list[str]:
+    """The lines of an iptables-save table dump that `ours` claims: its chains, their rules,
+    and jumps into them from other chains."""
     out = []
     for line in text.splitlines():
         words = line.split()
         if not words:
             continue
-        if (words[0].startswith(":") and words[0][1:] in OWNED_CHAINS) or (
-            words[0] == "-A" and (words[1] in OWNED_CHAINS or _jump_target(words) in OWNED_CHAINS)
+        if (words[0].startswith(":") and ours(words[0][1:])) or (
+            words[0] == "-A" and (ours(words[1]) or ours(_jump_target(words) or ""))
         ):
             out.append(line)
     return out
@@ -167,11 +168,11 @@ class RestoreBackend:
             delete.setdefault(jump.table, []).extend(doomed)
         return restore_text(ruleset, delete_lines=delete, add_jumps=plan.add)
 
-    def _list_builtins(self, table: str, jumps: Sequence[Jump] = JUMPS) -> str:
+    def _list_builtins(self, table: str) -> str:
         """`-S` of the built-in chains holding our jumps: with nft this reads only those
         chains (a full save of a 30,000-rule table takes ~0.4 s)."""
         out = []
-        for chain in sorted({j.chain for j in jumps if j.table == table}):
+        for chain in sorted({j.chain for j in JUMPS if j.table == table}):
             result = subprocess.run(
                 [f"iptables-{self.variant}", "-w", "5", "-t", table, "-S", chain],
                 capture_output=True,
@@ -396,13 +397,23 @@ def make_backend(choice: BackendChoice) -> RuleBackend:
 
 def cleanup_variant(variant: Variant) -> int:
     """Remove every userproxy chain and jump from one variant. Returns how many lines went."""
+    return remove_chains(variant, {table: save(variant, table) for table in CHAINS})
+
+
+def remove_chains(
+    variant: Variant,
+    texts: dict[str, str],
+    ours: Callable[[str], bool] = OWNED_CHAINS.__contains__,
+) -> int:
+    """Delete the jumps into, flush and remove the chains `ours` claims in these table dumps,
+    in one batch. Returns how many chains and jumps went."""
     tool = f"iptables-{variant}-restore"
     if shutil.which(tool) is None:
         return 0
     removed, batch = 0, []
-    for table in CHAINS:
-        lines = owned_lines(save(variant, table))
-        jumps = [ln for ln in lines if ln.startswith("-A ") and ln.split()[1] not in OWNED_CHAINS]
+    for table, text in texts.items():
+        lines = owned_lines(text, ours)
+        jumps = [ln for ln in lines if ln.startswith("-A ") and not ours(ln.split()[1])]
         present = [ln.split()[0][1:] for ln in lines if ln.startswith(":")]
         if not jumps and not present:
             continue
@@ -432,10 +443,21 @@ def cleanup() -> int:
 
 def owned_rules_text() -> str:
     """What userproxy owns in the kernel, in iptables-save form, per variant that has any."""
+    return "".join(
+        owned_text(variant, {table: save(variant, table) for table in CHAINS})
+        for variant in ("legacy", "nft")
+    )
+
+
+def owned_text(
+    variant: Variant,
+    texts: dict[str, str],
+    ours: Callable[[str], bool] = OWNED_CHAINS.__contains__,
+    heading: str = "",
+) -> str:
     out = []
-    for variant in ("legacy", "nft"):
-        for table in CHAINS:
-            lines = owned_lines(save(variant, table))
-            if lines:
-                out += [f"# iptables-{variant}", f"*{table}", *lines, "COMMIT"]
+    for table, text in texts.items():
+        lines = owned_lines(text, ours)
+        if lines:
+            out += [f"# iptables-{variant}{heading}", f"*{table}", *lines, "COMMIT"]
     return "\n".join(out) + ("\n" if out else "")

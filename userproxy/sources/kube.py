@@ -293,10 +293,14 @@ class Reflector:
                 log.warning(
                     "Lost the connection to the API server; serving the last known state.",
                     kind=self.resource.kind,
-                    reason=f"{type(err).__name__}: {err}".rstrip(": "),
+                    reason=_describe(err),
                     retry_in=round(delay, 2),
                 )
             await asyncio.sleep(delay)
+
+
+def _describe(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}".rstrip(": ")
 
 
 def _status_message(body: str) -> str:
@@ -365,7 +369,7 @@ class KubeSource:
                         "Cannot list from the API server yet; retrying.",
                         server=self.server,
                         kind=reflector.resource.kind,
-                        reason=f"{type(err).__name__}: {err}".rstrip(": "),
+                        reason=_describe(err),
                         retry_in=round(delay, 2),
                     )
                     await asyncio.sleep(delay)
