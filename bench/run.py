@@ -478,15 +478,22 @@ def report(medians: dict[str, dict[str, float]], control: dict[str, float], roun
     def row(name: str, value: float, ok: bool, fmt: str = "{:.2f}x") -> None:
         lines.append(f"| {name} | {fmt.format(value)} | {'yes' if ok else 'no'} |")
 
-    row("TCP bulk 1 stream >= 0.8x no proxy", up["tcp1_gbps"] / none["tcp1_gbps"],
-        up["tcp1_gbps"] >= 0.8 * none["tcp1_gbps"])  # fmt: skip
+    def have(*pairs: tuple[dict[str, float], str]) -> bool:
+        return all(key in where for where, key in pairs)
+
+    if have((up, "tcp1_gbps"), (none, "tcp1_gbps")):
+        tcp = up["tcp1_gbps"] / none["tcp1_gbps"]
+        row("TCP bulk 1 stream >= 0.8x no proxy", tcp, tcp >= 0.8)
     for key, label in (("new_conn_per_s", "new conn/s"), ("keepalive_rps", "keep-alive req/s")):
-        ratio = up[key] / best_haproxy[key]
-        row(f"{label} >= better HAProxy", ratio, ratio >= 1)
-    rtt = best_haproxy["echo_p50_us"] / up["echo_p50_us"]
-    row("echo RTT <= better HAProxy (their RTT / ours)", rtt, rtt >= 1)
-    udp = up["udp_kpps"] / none["udp_kpps"]
-    row("UDP pps >= 0.8x no proxy", udp, udp >= 0.8)
+        if have((up, key), (best_haproxy, key)):
+            ratio = up[key] / best_haproxy[key]
+            row(f"{label} >= better HAProxy", ratio, ratio >= 1)
+    if have((up, "echo_p50_us"), (best_haproxy, "echo_p50_us")):
+        rtt = best_haproxy["echo_p50_us"] / up["echo_p50_us"]
+        row("echo RTT <= better HAProxy (their RTT / ours)", rtt, rtt >= 1)
+    if have((up, "udp_kpps"), (none, "udp_kpps")):
+        udp = up["udp_kpps"] / none["udp_kpps"]
+        row("UDP pps >= 0.8x no proxy", udp, udp >= 0.8)
     if "idle_kib_per_conn" in up:
         row("<= 2.5 KiB per idle connection", up["idle_kib_per_conn"],
             up["idle_kib_per_conn"] <= 2.5, "{:.2f} KiB")  # fmt: skip
@@ -516,8 +523,8 @@ def chart(medians: dict[str, dict[str, float]], path: Path) -> None:
     for i, peer in enumerate(ALL_PEERS):
         values = []
         for key, higher in keys:
-            v, base = medians[peer].get(key), medians["none"][key]
-            values.append(0 if v is None else (v / base if higher else base / v))
+            v, base = medians[peer].get(key), medians["none"].get(key)
+            values.append(0 if v is None or base is None else (v / base if higher else base / v))
         ax.bar([x + i * width for x in range(len(keys))], values, width, label=peer)
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_xticks([x + 0.4 - width / 2 for x in range(len(keys))], labels)
@@ -529,7 +536,7 @@ def chart(medians: dict[str, dict[str, float]], path: Path) -> None:
 
 # ----------------------------------------------------------------------------- main
 async def main(args: argparse.Namespace) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results: Path = args.results
     started = time.monotonic()
     samples: dict[str, dict[str, list[float]]] = {p: {} for p in ALL_PEERS}
     control: dict[str, float] = {}
@@ -543,9 +550,10 @@ async def main(args: argparse.Namespace) -> None:
             bench.start_haproxy()
             await bench.start_api()
             userspace = await bench.start_userproxy()
+            workloads = {k: v for k, v in WORKLOADS.items() if k in args.workloads}
             for r in range(args.rounds):
-                for w, (name, workload) in enumerate(WORKLOADS.items()):
-                    peers = UDP_PEERS if name == "udp" else PEERS
+                for w, (name, workload) in enumerate(workloads.items()):
+                    peers = [p for p in (UDP_PEERS if name == "udp" else PEERS) if p in args.peers]
                     shift = (r + w) % len(peers)
                     for peer in peers[shift:] + peers[:shift]:
                         bench.fresh_conntrack()
@@ -554,17 +562,20 @@ async def main(args: argparse.Namespace) -> None:
                             samples[peer].setdefault(key, []).append(value)
                 print(f"round {r + 1}/{args.rounds} done at {time.monotonic() - started:.0f}s",
                       flush=True)  # fmt: skip
-            for peer in ("haproxy", "haproxy-tuned", "userproxy"):
+            for peer in [p for p in ("haproxy", "haproxy-tuned", "userproxy") if p in args.peers]:
+                if "idle" not in args.workloads:
+                    break
                 for key, value in (await asyncio.to_thread(idle_memory, bench, peer)).items():
                     samples[peer].setdefault(key, []).append(value)
-            control.update(await endpoint_change_delay(bench))
+            if args.ports:
+                control.update(await endpoint_change_delay(bench))
             running = userspace
-            for peer, extra in AFTER_ROUNDS.items():
+            for peer, extra in [(p, e) for p, e in AFTER_ROUNDS.items() if p in args.peers]:
                 running.terminate()
                 await asyncio.to_thread(running.wait, 30)
                 running = await bench.start_userproxy(extra, peer)
                 for _ in range(args.rounds):
-                    for workload in WORKLOADS.values():
+                    for workload in workloads.values():
                         bench.fresh_conntrack()
                         result = await asyncio.to_thread(workload, bench, peer)
                         for key, value in result.items():
@@ -574,7 +585,8 @@ async def main(args: argparse.Namespace) -> None:
             bench.stop()
             await bench.fake.stop()
             topo.destroy()
-        control.update(await control_plane(work, [int(s) for s in args.ports.split(",")]))
+        if args.ports:
+            control.update(await control_plane(work, [int(s) for s in args.ports.split(",")]))
     medians = {p: {k: statistics.median(v) for k, v in m.items()} for p, m in samples.items()}
     text = report(medians, control, args.rounds)
     text += (
@@ -582,11 +594,11 @@ async def main(args: argparse.Namespace) -> None:
         + ", ".join(f"{k} = {v:.2f}" for k, v in control.items())
         + f"\n\nTotal benchmark time: {time.monotonic() - started:.0f} s.\n"
     )
-    (RESULTS / "results.md").write_text(text)
-    (RESULTS / "results.json").write_text(
+    (results / "results.md").write_text(text)
+    (results / "results.json").write_text(
         json.dumps({"medians": medians, "samples": samples, "control": control}, indent=2)
     )
-    chart(medians, RESULTS / "chart.png")
+    chart(medians, results / "chart.png")
     print(text)
 
 
@@ -595,5 +607,27 @@ if __name__ == "__main__":
         sys.exit("bench/run.py needs root (it builds network namespaces)")
     parser = argparse.ArgumentParser(description="userproxy beside its peers")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--ports", default="1000,10000", help="control-plane sizes")
-    asyncio.run(main(parser.parse_args()))
+    parser.add_argument(
+        "--ports", default="1000,10000", help="control-plane sizes ('' skips the control plane)"
+    )
+    parser.add_argument(
+        "--workloads",
+        type=lambda s: s.split(","),
+        default=[*WORKLOADS, "idle"],
+        help=f"a subset of {','.join([*WORKLOADS, 'idle'])}",
+    )
+    parser.add_argument(
+        "--peers",
+        type=lambda s: s.split(","),
+        default=ALL_PEERS,
+        help=f"a subset of {','.join(ALL_PEERS)}",
+    )
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=RESULTS,
+        help="where results go (a focused run should not overwrite the full one)",
+    )
+    arguments = parser.parse_args()
+    arguments.results.mkdir(parents=True, exist_ok=True)
+    asyncio.run(main(arguments))

@@ -193,6 +193,11 @@ class ClientSide(_Side):
             self.service.connections.discard(self)
             if self.counters is not None:
                 self.counters.active -= 1
+        # Unlink the two sides so the relay is freed by reference counting: objects left in
+        # cycles would make the cycle collector run every few dozen connections.
+        self.peer = self.dial = None
+        if peer is not None:
+            peer.peer = None
 
     def abort(self) -> None:
         """Tear the relay down now (service removed or proxy stopping): reset both sides."""
