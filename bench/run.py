@@ -237,19 +237,23 @@ class Bench:
                 proc.kill()
 
 
-def wait_running(proc: subprocess.Popen[bytes], timeout: float = 120) -> float:
-    """Read userproxy's JSON log until it is running; returns the seconds that took."""
+def wait_running(
+    proc: subprocess.Popen[bytes], timeout: float = 120
+) -> tuple[float, dict[str, Any]]:
+    """Read userproxy's JSON log until it is running; returns the seconds that took and the
+    "running" log event (it holds the first sync's duration)."""
     started = time.monotonic()
     assert proc.stderr is not None
     while time.monotonic() - started < timeout:
         line = proc.stderr.readline()
         if not line:
             raise RuntimeError("userproxy exited during startup")
-        if json.loads(line).get("event") == "userproxy is running.":
+        event = json.loads(line)
+        if event.get("event") == "userproxy is running.":
             took = time.monotonic() - started
             # Keep draining the log so the process never blocks on a full pipe.
             threading.Thread(target=proc.stderr.read, daemon=True).start()
-            return took
+            return took, event
     raise RuntimeError("userproxy did not start in time")
 
 
@@ -388,8 +392,9 @@ async def control_plane(work: Path, sizes: list[int]) -> dict[str, float]:
                 stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
             )  # fmt: skip
             try:
-                took = await asyncio.to_thread(wait_running, proc, 300)
-                out[f"ports{size}_s"] = took
+                took, running = await asyncio.to_thread(wait_running, proc, 300)
+                out[f"ports{size}_s"] = running["first_sync_seconds"]
+                out[f"ports{size}_cold_s"] = took
                 out[f"ports{size}_rss_mib"] = rss_kib(proc.pid) / 1024
                 rules = topo.run("node", "iptables-nft-save", "-t", "nat").count(
                     "\n-A KUBE-PORTALS-"
@@ -475,8 +480,9 @@ def report(medians: dict[str, dict[str, float]], control: dict[str, float], roun
     lines += ["", "userproxy against its targets (ratios from this run):", "",
               "| target | measured | met |", "|---|---:|:---:|"]  # fmt: skip
 
-    def row(name: str, value: float, ok: bool, fmt: str = "{:.2f}x") -> None:
-        lines.append(f"| {name} | {fmt.format(value)} | {'yes' if ok else 'no'} |")
+    def row(name: str, value: float, ok: bool | None, fmt: str = "{:.2f}x") -> None:
+        met = "-" if ok is None else "yes" if ok else "no"  # None: no target, for context
+        lines.append(f"| {name} | {fmt.format(value)} | {met} |")
 
     def have(*pairs: tuple[dict[str, float], str]) -> bool:
         return all(key in where for where, key in pairs)
@@ -499,8 +505,11 @@ def report(medians: dict[str, dict[str, float]], control: dict[str, float], roun
             up["idle_kib_per_conn"] <= 2.5, "{:.2f} KiB")  # fmt: skip
     for size in (1000, 10000):
         if f"ports{size}_s" in control:
-            row(f"{size:,} service ports up (listeners + rules)", control[f"ports{size}_s"],
-                control[f"ports{size}_s"] <= 2 or size < 10000, "{:.2f} s")  # fmt: skip
+            row(f"{size:,} service ports programmed (first sync: listeners + rules)",
+                control[f"ports{size}_s"], control[f"ports{size}_s"] <= 2 or size < 10000,
+                "{:.2f} s")  # fmt: skip
+            row(f"{size:,} service ports, cold start (process start, LIST, first sync)",
+                control[f"ports{size}_cold_s"], None, "{:.2f} s")  # fmt: skip
             row(f"{size:,} service ports RSS", control[f"ports{size}_rss_mib"],
                 control[f"ports{size}_rss_mib"] <= 300, "{:.0f} MiB")  # fmt: skip
     if "endpoint_change_ms" in control:

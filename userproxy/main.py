@@ -168,6 +168,7 @@ async def serve_manifests(settings: ProxySettings, path: Path, run: RunOptions) 
                     "userproxy is running.",
                     manifests=str(path),
                     service_ports=len(proxy.service_ports()),
+                    first_sync_seconds=_rounded(proxy.runner.last_duration),
                 )
                 await source.watch()
     except StartupError as err:
@@ -213,6 +214,7 @@ async def serve_kubernetes(
                     "userproxy is running.",
                     server=source.server,
                     service_ports=len(proxy.service_ports()),
+                    first_sync_seconds=_rounded(proxy.runner.last_duration),
                 )
                 await source.watch()
     except StartupError as err:
@@ -221,3 +223,7 @@ async def serve_kubernetes(
     finally:
         await api.close()
     return 0  # pragma: no cover - watch() only ends by cancellation
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 3)

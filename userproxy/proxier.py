@@ -35,6 +35,8 @@ log = structlog.get_logger("userproxy.proxier")
 
 #: How many proxy ports of the range to try when binding one fails (port taken by others).
 BIND_ATTEMPTS = 8
+#: A sync that opens more service ports than this logs them in one line (each at debug).
+LOG_EACH_PORT_UP_TO = 20
 
 
 @dataclass(frozen=True)
@@ -113,28 +115,46 @@ class Proxier:
 
     # ------------------------------------------------------------------ sync
     async def sync(self) -> None:
-        """Apply the recorded service changes, then re-assert the portal rules."""
+        """Apply the recorded service changes, then re-assert the portal rules.
+
+        New listeners are bound (and listening) before the rules that send traffic to them
+        are written, and are registered with the event loop while the kernel write runs:
+        connections that arrive in between wait in the listen backlog."""
         async with self._lock:
+            bound: list[PortRuntime] = []
             for key, (previous, current) in self.tracker.take().items():
-                await self._apply_change(key, names_of(previous), names_of(current))
+                await self._apply_change(key, names_of(previous), names_of(current), bound)
             self.balancer.cleanup_stale_sessions(self.clock())
-            self.on_data_plane_change()
-            if self.portals is not None:
-                await self.portals.sync(self.active_ports())
+            portals = await self._start_portal_sync()
+            try:
+                await self._start_listeners(bound)
+                self.on_data_plane_change()
+            finally:
+                if portals is not None:
+                    await portals
+
+    async def _start_portal_sync(self) -> asyncio.Future[None] | None:
+        if self.portals is None:
+            return None
+        task = asyncio.ensure_future(self.portals.sync(self.active_ports()))
+        # One turn of the loop: the task builds the rules and hands the write to its thread.
+        await asyncio.sleep(0)
+        return task
 
     async def _apply_change(
         self,
         key: ServiceKey,
         previous: dict[ServicePortName, ServicePort],
         current: dict[ServicePortName, ServicePort],
+        bound: list[PortRuntime],
     ) -> None:
         for name in previous.keys() - current.keys():
             await self._remove(name)
         for port in current.values():
-            await self._merge(port)
+            self._merge(port, bound)
         self._push_endpoints(key)
 
-    async def _merge(self, port: ServicePort) -> None:
+    def _merge(self, port: ServicePort, bound: list[PortRuntime]) -> None:
         runtime = self.runtimes.get(port.name)
         self.balancer.set_affinity(port.name, port.affinity)
         if runtime is not None and runtime.port.listener_identity() == port.listener_identity():
@@ -146,33 +166,69 @@ class Proxier:
             self._close_listener(runtime)
             stats, connections = runtime.stats, runtime.connections
             del self.runtimes[port.name]
-        await self._open(port, stats, connections)
+        opened = self._open(port, stats, connections)
+        if opened is not None:
+            bound.append(opened)
 
-    async def _open(
+    def _open(
         self, port: ServicePort, stats: PortStats, connections: set[ClientSide]
-    ) -> None:
+    ) -> PortRuntime | None:
         try:
-            listener, proxy_port = await self._listen(port, stats, connections)
+            listener, proxy_port = self._listen(port, stats, connections)
         except (OSError, PortsExhausted) as err:
-            self.failed[port.name] = str(err)
-            log.error(
-                "Could not open a proxy port for the service port; it is not served.",
-                service=str(port.name),
-                reason=str(err),
-            )
-            return
+            self._not_served(port.name, err)
+            return None
         self.failed.pop(port.name, None)
-        self.runtimes[port.name] = PortRuntime(port, proxy_port, listener, stats, connections)
-        log.info(
-            "Serving the service port.",
-            service=str(port.name),
-            protocol=port.protocol.value,
-            cluster_ip=port.cluster_ip,
-            port=port.port,
-            proxy_port=proxy_port,
+        runtime = self.runtimes[port.name] = PortRuntime(
+            port, proxy_port, listener, stats, connections
+        )
+        return runtime
+
+    def _not_served(self, name: ServicePortName, err: Exception) -> None:
+        self.failed[name] = str(err)
+        log.error(
+            "Could not open a proxy port for the service port; it is not served.",
+            service=str(name),
+            reason=str(err),
         )
 
-    async def _listen(
+    async def _start_listeners(self, bound: list[PortRuntime]) -> None:
+        started: list[PortRuntime] = []
+        for runtime in bound:
+            try:
+                await runtime.listener.start()
+            except OSError as err:
+                self.runtimes.pop(runtime.port.name, None)
+                self.allocator.release(runtime.proxy_port)
+                self._not_served(runtime.port.name, err)
+                continue
+            started.append(runtime)
+        self._log_serving(started)
+
+    def _log_serving(self, started: list[PortRuntime]) -> None:
+        """One line per new service port, or one summary when a sync opens many (a node's
+        first sync can open thousands)."""
+        each = log.info if len(started) <= LOG_EACH_PORT_UP_TO else log.debug
+        for runtime in started:
+            port = runtime.port
+            each(
+                "Serving the service port.",
+                service=str(port.name),
+                protocol=port.protocol.value,
+                cluster_ip=port.cluster_ip,
+                port=port.port,
+                proxy_port=runtime.proxy_port,
+            )
+        if len(started) > LOG_EACH_PORT_UP_TO:
+            udp = sum(1 for rt in started if rt.port.protocol is Protocol.UDP)
+            log.info(
+                "Serving new service ports (one line each at debug level).",
+                count=len(started),
+                tcp=len(started) - udp,
+                udp=udp,
+            )
+
+    def _listen(
         self, port: ServicePort, stats: PortStats, connections: set[ClientSide]
     ) -> tuple[TcpProxy | UdpProxy, int]:
         last_error: OSError | None = None
@@ -180,7 +236,7 @@ class Proxier:
             wanted = self.allocator.allocate()
             listener = self._make_listener(port, stats, connections)
             try:
-                bound = await self._bind(listener, wanted)
+                bound = self._bind(listener, wanted)
             except OSError as err:
                 # Someone else holds this port of the range: keep it marked and try another.
                 last_error = err
@@ -189,9 +245,9 @@ class Proxier:
         assert last_error is not None
         raise last_error
 
-    async def _bind(self, listener: TcpProxy | UdpProxy, port: int) -> int:
+    def _bind(self, listener: TcpProxy | UdpProxy, port: int) -> int:
         workers = self.settings.workers
-        bound = await listener.listen(
+        bound = listener.bind(
             host=self.settings.bind_address,
             port=port,
             reuse_port=self.settings.workers_reuse_port or workers > 1,
@@ -214,8 +270,10 @@ class Proxier:
                     stats, connections = PortStats(), set[ClientSide]()
                     listener = self._make_listener(port, stats, connections)
                     try:
-                        await self._bind(listener, proxy_port)
+                        self._bind(listener, proxy_port)
+                        await listener.start()
                     except OSError as err:
+                        listener.close_listener()
                         log.error("A worker could not open a proxy port.", service=str(name),
                                   proxy_port=proxy_port, reason=str(err))  # fmt: skip
                         continue

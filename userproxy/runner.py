@@ -39,6 +39,8 @@ class SyncRunner:
         #: Wall time of the latest request (kube-proxy's last_queued_timestamp).
         self.last_queued_at: float | None = None
         self.sync_count = 0
+        #: Seconds the last successful sync took.
+        self.last_duration: float | None = None
         self.failures = 0
         self._in_flight: float | None = None
         self.on_synced: Callable[[float], None] = lambda duration: None
@@ -92,4 +94,5 @@ class SyncRunner:
         self._in_flight = None
         self.synced_at = self._wall()
         self.sync_count += 1
-        self.on_synced(loop.time() - self._last_start)
+        self.last_duration = loop.time() - self._last_start
+        self.on_synced(self.last_duration)

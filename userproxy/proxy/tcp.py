@@ -237,8 +237,9 @@ class TcpProxy:
         #: The listening socket, once listening.
         self.sock: socket.socket | None = None
 
-    async def listen(self, *, host: str, port: int, reuse_port: bool = False) -> int:
-        """Bind and start accepting; returns the bound port (the kernel's choice for port 0).
+    def bind(self, *, host: str, port: int, reuse_port: bool = False) -> int:
+        """Bind and listen; returns the bound port (the kernel's choice for port 0). From here
+        the kernel queues connections in the backlog until `start()` accepts them.
 
         The socket is made here rather than by `create_server(host=...)`, which resolves the
         address through getaddrinfo in a thread: 0.5 ms per listener, 5 s for 10,000."""
@@ -250,14 +251,29 @@ class TcpProxy:
             sock.bind((host, port))
             sock.listen(socket.SOMAXCONN)
             sock.setblocking(False)
-            self._server = await self.loop.create_server(
-                lambda: ClientSide(self), sock=sock, backlog=socket.SOMAXCONN
-            )
-            self.sock = sock
         except BaseException:
             sock.close()
             raise
+        self.sock = sock
         return int(sock.getsockname()[1])
+
+    async def start(self) -> None:
+        """Accept on the bound socket."""
+        assert self.sock is not None, "bind() first"
+        try:
+            self._server = await self.loop.create_server(
+                lambda: ClientSide(self), sock=self.sock, backlog=socket.SOMAXCONN
+            )
+        except BaseException:
+            self.sock.close()
+            self.sock = None
+            raise
+
+    async def listen(self, *, host: str, port: int, reuse_port: bool = False) -> int:
+        """`bind()` then `start()`."""
+        bound = self.bind(host=host, port=port, reuse_port=reuse_port)
+        await self.start()
+        return bound
 
     async def connect(self, client: ClientSide) -> None:
         client_ip = client.client_ip
@@ -298,8 +314,11 @@ class TcpProxy:
     def close_listener(self) -> None:
         """Stop accepting; established relays keep running."""
         if self._server is not None:
-            self._server.close()
+            self._server.close()  # closes the socket too
             self._server = None
+        elif self.sock is not None:
+            self.sock.close()  # bound but never started
+        self.sock = None
 
 
 def _describe(err: BaseException) -> str:

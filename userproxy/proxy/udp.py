@@ -90,6 +90,7 @@ class UdpProxy:
         self.flows: dict[Address, _Flow] = {}
         self._sock: socket.socket | None = None
         self._pktinfo = False
+        self._reading = False
         # One receive buffer per service socket, reused for every datagram: reading into a
         # fresh 64 KiB bytes object per datagram costs more than the rest of the path.
         self._buffer = bytearray(MAX_DATAGRAM)
@@ -99,7 +100,8 @@ class UdpProxy:
         self._reply_view = memoryview(self._reply_buffer)
 
     # ---------------------------------------------------------------- lifecycle
-    async def listen(self, *, host: str, port: int, reuse_port: bool = False) -> int:
+    def bind(self, *, host: str, port: int, reuse_port: bool = False) -> int:
+        """Bind the service socket; the kernel queues datagrams until `start()` reads them."""
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
@@ -117,8 +119,19 @@ class UdpProxy:
             sock.close()
             raise
         self._sock = sock
-        self.loop.add_reader(sock.fileno(), self._on_datagrams)
         return int(sock.getsockname()[1])
+
+    async def start(self) -> None:
+        """Read datagrams from the bound socket."""
+        assert self._sock is not None, "bind() first"
+        self.loop.add_reader(self._sock.fileno(), self._on_datagrams)
+        self._reading = True
+
+    async def listen(self, *, host: str, port: int, reuse_port: bool = False) -> int:
+        """`bind()` then `start()`."""
+        bound = self.bind(host=host, port=port, reuse_port=reuse_port)
+        await self.start()
+        return bound
 
     @property
     def sock(self) -> socket.socket | None:
@@ -129,9 +142,11 @@ class UdpProxy:
         for flow in list(self.flows.values()):
             self._close_flow(flow)
         if self._sock is not None:
-            self.loop.remove_reader(self._sock.fileno())
+            if self._reading:
+                self.loop.remove_reader(self._sock.fileno())
             self._sock.close()
             self._sock = None
+            self._reading = False
 
     # ---------------------------------------------------------------- client -> endpoint
     def _on_datagrams(self) -> None:

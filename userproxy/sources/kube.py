@@ -356,23 +356,27 @@ class KubeSource:
         return str(self.api.configuration.host)
 
     async def initial_list(self) -> None:
-        """LIST every resource once, retrying until each succeeds: nothing is proxied before
-        the whole state is known (a partial state would drop live services)."""
+        """LIST every resource once (concurrently), retrying until each succeeds: nothing is
+        proxied before the whole state is known (a partial state would drop live services)."""
+        async with asyncio.TaskGroup() as group:
+            for reflector in self.reflectors:
+                group.create_task(self._list_until_synced(reflector))
+
+    async def _list_until_synced(self, reflector: Reflector) -> None:
         backoff = Backoff(self.timeouts.backoff_initial, self.timeouts.backoff_max)
-        for reflector in self.reflectors:
-            while not reflector.synced:
-                try:
-                    await reflector.list()
-                except (ApiError, aiohttp.ClientError, OSError, TimeoutError, ValueError) as err:
-                    delay = backoff.next()
-                    log.warning(
-                        "Cannot list from the API server yet; retrying.",
-                        server=self.server,
-                        kind=reflector.resource.kind,
-                        reason=_describe(err),
-                        retry_in=round(delay, 2),
-                    )
-                    await asyncio.sleep(delay)
+        while not reflector.synced:
+            try:
+                await reflector.list()
+            except (ApiError, aiohttp.ClientError, OSError, TimeoutError, ValueError) as err:
+                delay = backoff.next()
+                log.warning(
+                    "Cannot list from the API server yet; retrying.",
+                    server=self.server,
+                    kind=reflector.resource.kind,
+                    reason=_describe(err),
+                    retry_in=round(delay, 2),
+                )
+                await asyncio.sleep(delay)
 
     async def watch(self) -> None:
         """Watch every resource until cancelled."""
