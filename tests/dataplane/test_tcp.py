@@ -17,6 +17,7 @@ from userproxy import UserProxy
 from userproxy.objects import endpoint_slice, service
 
 NAME = "default/web:p"
+MIB = 1024 * 1024
 
 
 async def serve(proxy: UserProxy, *ports: int) -> int:
@@ -204,6 +205,71 @@ async def test_a_thousand_concurrent_connections_with_every_byte_checked(
     assert totals.bytes_from_clients == expected
     assert totals.bytes_to_clients == expected + 5 * 1000
     await wait_for(lambda: proxy.counters(NAME).active == 0, what="all relays closed")
+
+
+async def test_bulk_both_ways_with_a_slow_reader_keeps_every_byte_in_order(
+    proxy: UserProxy,
+) -> None:
+    """Megabytes both ways on four connections at once while the client reads slowly, so the
+    proxy's writes to it are partial and queue: every byte arrives, in order, and counted."""
+    size = 4 * MIB + 12345
+    backend = await TcpBackend("b").start(_echo)
+    port = await serve(proxy, backend.port)
+
+    async def one() -> None:
+        payload = os.urandom(size)
+        reader, writer = await asyncio.open_connection(LOCAL, port)
+
+        async def send() -> None:
+            for i in range(0, size, 100_000):
+                writer.write(payload[i : i + 100_000])
+                await writer.drain()
+            writer.write_eof()
+
+        async def receive_slowly() -> bytes:
+            got = bytearray()
+            while chunk := await reader.read(65536):
+                got += chunk
+                if len(got) % 7 == 0:
+                    await asyncio.sleep(0.001)
+            return bytes(got)
+
+        _, echoed = await asyncio.wait_for(asyncio.gather(send(), receive_slowly()), 30)
+        writer.close()
+        assert echoed == payload
+
+    await asyncio.gather(*(one() for _ in range(4)))
+    totals = proxy.counters(NAME)
+    assert totals.bytes_from_clients == totals.bytes_to_clients == 4 * size
+    await wait_for(lambda: proxy.counters(NAME).active == 0, what="relays closed")
+    await backend.stop()
+
+
+async def test_a_reset_after_bulk_still_reaches_the_client_as_a_reset(proxy: UserProxy) -> None:
+    async def stream_then_reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(1)
+        writer.write(b"z" * (2 * MIB))
+        await writer.drain()
+        await reader.readexactly(1)  # the client has read everything
+        _rst(writer)
+
+    backend = await TcpBackend("b").start(stream_then_reset)
+    port = await serve(proxy, backend.port)
+    reader, writer = await asyncio.open_connection(LOCAL, port)
+    writer.write(b"x")
+    assert await asyncio.wait_for(reader.readexactly(2 * MIB), 10) == b"z" * (2 * MIB)
+    writer.write(b"y")
+    with pytest.raises(ConnectionResetError):
+        await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    await backend.stop()
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.write_eof()
 
 
 async def test_finished_relays_are_freed_without_the_cycle_collector(proxy: UserProxy) -> None:
