@@ -11,6 +11,10 @@ other's transports, so a chunk costs one callback and one `write`. The network b
 - Bytes a client sends before its backend is up are buffered up to a bound, then its reading is
   paused. (Under uvloop, pausing inside `connection_made` has no effect, so we cannot simply
   not read.)
+- Bulk flows move to splice(2): once one direction has moved `SPLICE_AFTER` bytes, the relay
+  is handed to `splice.SpliceRelay` (see there), which passes data socket to socket through
+  a pipe without copying it into Python. Connection setup and small exchanges stay on
+  transports, where they are cheapest.
 - A FIN is passed on as a FIN (`write_eof`) while the other direction keeps flowing; once both
   directions are finished both sockets are closed. A reset or error on one side is passed on
   as a reset (SO_LINGER 0 then close) so the peer does not mistake a failure for a clean end.
@@ -29,6 +33,7 @@ import structlog
 
 from userproxy.balancer import BalancerError, RoundRobinBalancer
 from userproxy.model import ServicePortName
+from userproxy.proxy.splice import SPLICE_AFTER, SpliceRelay, splice_supported, take_socket
 from userproxy.proxy.stats import EndpointCounters, PortStats
 
 log = structlog.get_logger("userproxy.tcp")
@@ -58,7 +63,7 @@ def reset_transport(transport: asyncio.BaseTransport) -> None:
 class _Side(asyncio.Protocol):
     """What both sides of a relay share: EOF, loss and flow control towards the peer."""
 
-    __slots__ = ("closed", "eof", "peer", "transport")
+    __slots__ = ("closed", "eof", "handed_off", "moved", "peer", "transport")
 
     transport: asyncio.Transport
     peer: _Side | None
@@ -67,6 +72,10 @@ class _Side(asyncio.Protocol):
         self.peer = None
         self.eof = False
         self.closed = False
+        #: Bytes read from this side while on transports.
+        self.moved = 0
+        #: The connection now belongs to a SpliceRelay; this transport was let go.
+        self.handed_off = False
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -122,14 +131,19 @@ class BackendSide(_Side):
     def data_received(self, data: bytes) -> None:
         self.client.transport.write(data)
         self.counters.bytes_to_clients += len(data)
+        self.moved += len(data)
+        if self.moved >= SPLICE_AFTER:
+            self.client.hand_to_splice()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.handed_off:
+            return
         self._pass_on_loss(exc)
         self.client.finish()
 
 
 class ClientSide(_Side):
-    __slots__ = ("counters", "dial", "early", "early_size", "service")
+    __slots__ = ("counters", "dial", "early", "early_size", "service", "spliced")
 
     def __init__(self, service: TcpProxy) -> None:
         super().__init__()
@@ -138,6 +152,7 @@ class ClientSide(_Side):
         self.early: list[bytes] = []
         self.early_size = 0
         self.dial: asyncio.Task[None] | None = None
+        self.spliced: SpliceRelay | None = None
 
     # ---------------------------------------------------------------- asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -151,6 +166,9 @@ class ClientSide(_Side):
         if peer is not None:
             peer.transport.write(data)
             self.counters.bytes_from_clients += len(data)  # type: ignore[union-attr]
+            self.moved += len(data)
+            if self.moved >= SPLICE_AFTER:
+                self.hand_to_splice()
             return
         self.early.append(data)
         self.early_size += len(data)
@@ -158,6 +176,8 @@ class ClientSide(_Side):
             self.transport.pause_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.handed_off:
+            return
         self._pass_on_loss(exc)
         if self.dial is not None and not self.dial.done():
             self.dial.cancel()
@@ -178,6 +198,59 @@ class ClientSide(_Side):
             self.transport.resume_reading()
         if self.eof:
             backend.transport.write_eof()
+
+    def hand_to_splice(self) -> None:
+        """Move a bulk relay to splice, if both transports are idle enough to let go."""
+        backend = self.peer
+        if (
+            backend is None
+            or self.spliced is not None
+            or self.closed
+            or backend.closed
+            or self.eof
+            or backend.eof
+            or self.transport.get_write_buffer_size()
+            or backend.transport.get_write_buffer_size()
+            or not splice_supported()
+        ):
+            return
+        try:
+            client_sock = take_socket(self.transport)
+        except OSError:
+            return
+        try:
+            backend_sock = take_socket(backend.transport)
+        except OSError:
+            client_sock.close()
+            return
+        counters = self.counters
+        assert counters is not None
+
+        def to_backend(size: int) -> None:
+            counters.bytes_from_clients += size
+
+        def to_client(size: int) -> None:
+            counters.bytes_to_clients += size
+
+        self.handed_off = backend.handed_off = True
+        # Closing the transports closes their descriptors only: ours keep both connections.
+        self.transport.abort()
+        backend.transport.abort()
+        self.spliced = SpliceRelay(
+            self.service.loop,
+            client_sock,
+            backend_sock,
+            to_backend=to_backend,
+            to_client=to_client,
+            on_closed=self._splice_closed,
+        )
+
+    def _splice_closed(self) -> None:
+        self.spliced = None
+        self.closed = True
+        if self.peer is not None:
+            self.peer.closed = True
+        self.finish()
 
     def refuse(self) -> None:
         """No endpoint could take the connection: reset it so the client sees a failure."""
@@ -201,6 +274,9 @@ class ClientSide(_Side):
 
     def abort(self) -> None:
         """Tear the relay down now (service removed or proxy stopping): reset both sides."""
+        if self.spliced is not None:
+            self.spliced.reset()
+            return
         if self.dial is not None and not self.dial.done():
             self.dial.cancel()
         for side in (self, self.peer):
