@@ -78,11 +78,16 @@ class SpliceRelay:
         self.backend = backend
         self.on_closed = on_closed
         self.closed = False
-        self.directions = (
-            _Direction(client, backend, to_backend),
-            _Direction(backend, client, to_client),
-        )
+        upstream = _Direction(client, backend, to_backend)  # may fail: out of descriptors
+        try:
+            downstream = _Direction(backend, client, to_client)
+        except OSError:
+            upstream.close_pipe()
+            raise
+        self.directions = (upstream, downstream)
         self._fds = (client.fileno(), backend.fileno())
+
+    def start(self) -> None:
         for direction in self.directions:
             self._start_reading(direction)
 

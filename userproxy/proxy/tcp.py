@@ -232,18 +232,25 @@ class ClientSide(_Side):
         def to_client(size: int) -> None:
             counters.bytes_to_clients += size
 
+        try:
+            relay = SpliceRelay(
+                self.service.loop,
+                client_sock,
+                backend_sock,
+                to_backend=to_backend,
+                to_client=to_client,
+                on_closed=self._splice_closed,
+            )
+        except OSError:  # no descriptors for the pipes: stay on the transports
+            client_sock.close()
+            backend_sock.close()
+            return
         self.handed_off = backend.handed_off = True
         # Closing the transports closes their descriptors only: ours keep both connections.
         self.transport.abort()
         backend.transport.abort()
-        self.spliced = SpliceRelay(
-            self.service.loop,
-            client_sock,
-            backend_sock,
-            to_backend=to_backend,
-            to_client=to_client,
-            on_closed=self._splice_closed,
-        )
+        self.spliced = relay
+        relay.start()
 
     def _splice_closed(self) -> None:
         self.spliced = None
