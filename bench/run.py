@@ -270,10 +270,35 @@ def iperf(b: Bench, *args: str) -> dict[str, Any]:
     raise RuntimeError(f"iperf3 {' '.join(args)}: {result.get('error', proc.stderr)}")
 
 
+def cpu_seconds(b: Bench, peer: str) -> float | None:
+    """User+system CPU of the peer's processes and their children (workers), or None for
+    the peers that are not a process (no proxy, kernel DNAT)."""
+    if peer not in b.pids:
+        return None
+    ticks = 0
+    todo = list(b.pids[peer])
+    while todo:
+        pid = todo.pop()
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def iperf_tcp(b: Bench, peer: str, streams: int) -> dict[str, float]:
     host, port = TARGETS[peer]["iperf"]
+    before = cpu_seconds(b, peer)
     result = iperf(b, "-c", host, "-p", str(port), "-t", "3", "-P", str(streams))
-    return {f"tcp{streams}_gbps": result["end"]["sum_received"]["bits_per_second"] / 1e9}
+    after = cpu_seconds(b, peer)
+    moved = result["end"]["sum_received"]
+    out = {f"tcp{streams}_gbps": moved["bits_per_second"] / 1e9}
+    if before is not None and after is not None and streams == 1:
+        out["tcp1_cpu_ms_per_gb"] = (after - before) * 1000 / (moved["bytes"] / 1e9)
+    return out
 
 
 def iperf_udp(b: Bench, peer: str) -> dict[str, float]:
@@ -299,10 +324,15 @@ def wrk(b: Bench, peer: str, *, keepalive: bool) -> dict[str, float]:
     args = ["wrk", "-t1", "-c32", "-d3s", "--latency", f"http://{host}:{port}/"]
     if not keepalive:
         args[1:1] = ["-H", "Connection: close"]
+    before = cpu_seconds(b, peer)
     out = b.topo.run("cli", *args, timeout=60)
+    after = cpu_seconds(b, peer)
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])  # type: ignore[index]
     if not keepalive:
-        return {"new_conn_per_s": rate}
+        requests = int(re.search(r"(\d+) requests in", out)[1])  # type: ignore[index]
+        if before is None or after is None:
+            return {"new_conn_per_s": rate}
+        return {"new_conn_per_s": rate, "newconn_cpu_us": (after - before) * 1e6 / requests}
     p50 = _micros(re.search(r"\s50%\s+(\S+)", out)[1])  # type: ignore[index]
     p99 = _micros(re.search(r"\s99%\s+(\S+)", out)[1])  # type: ignore[index]
     return {"keepalive_rps": rate, "keepalive_p50_us": p50, "keepalive_p99_us": p99}
@@ -445,7 +475,9 @@ async def endpoint_change_delay(b: Bench, repeats: int = 5) -> dict[str, float]:
 METRICS = [  # key, header, format, higher is better
     ("tcp1_gbps", "TCP 1 stream Gbit/s", "{:.1f}", True),
     ("tcp8_gbps", "TCP 8 streams Gbit/s", "{:.1f}", True),
+    ("tcp1_cpu_ms_per_gb", "proxy CPU ms/GB (1 stream)", "{:.0f}", False),
     ("new_conn_per_s", "new conn/s", "{:,.0f}", True),
+    ("newconn_cpu_us", "proxy CPU us/new conn", "{:.0f}", False),
     ("keepalive_rps", "keep-alive req/s", "{:,.0f}", True),
     ("keepalive_p50_us", "keep-alive p50 us", "{:.0f}", False),
     ("keepalive_p99_us", "keep-alive p99 us", "{:.0f}", False),

@@ -149,7 +149,8 @@ class ClientSide(_Side):
         super().__init__()
         self.service = service
         self.counters: EndpointCounters | None = None
-        self.early: list[bytes] = []
+        #: Client bytes that arrived before the backend connection was up (made when needed).
+        self.early: list[bytes] | None = None
         self.early_size = 0
         self.dial: asyncio.Task[None] | None = None
         self.spliced: SpliceRelay | None = None
@@ -170,6 +171,8 @@ class ClientSide(_Side):
             if self.moved >= SPLICE_AFTER:
                 self.hand_to_splice()
             return
+        if self.early is None:
+            self.early = []
         self.early.append(data)
         self.early_size += len(data)
         if self.early_size >= EARLY_DATA_LIMIT:
@@ -188,13 +191,14 @@ class ClientSide(_Side):
         """The backend connection is up: start relaying, starting with the early bytes."""
         self.peer = backend
         backend.peer = self
+        self.dial = None  # the dial's Task and coroutine would otherwise live as long as we do
         counters = self.counters = backend.counters
         counters.active += 1
         counters.total += 1
         if self.early:
             backend.transport.writelines(self.early)
             counters.bytes_from_clients += self.early_size
-            self.early, self.early_size = [], 0
+            self.early, self.early_size = None, 0
             self.transport.resume_reading()
         if self.eof:
             backend.transport.write_eof()
