@@ -272,8 +272,8 @@ def iperf(b: Bench, *args: str) -> dict[str, Any]:
 
 def cpu_seconds(b: Bench, peer: str) -> float | None:
     """User+system CPU of the peer's processes and their children (workers), or None for
-    the peers that are not a process (no proxy, kernel DNAT)."""
-    if peer not in b.pids:
+    the peers whose traffic no process carries (no proxy, kernel DNAT, iptables mode)."""
+    if peer not in b.pids or peer == IPTABLES_MODE:
         return None
     ticks = 0
     todo = list(b.pids[peer])
