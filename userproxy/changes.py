@@ -64,24 +64,31 @@ class EndpointsCache:
 
     def __init__(self) -> None:
         self._by_service: dict[ServiceKey, dict[str, PortEndpoints]] = {}
+        #: port_names() per service, made once per change (a 10,000-service sync asks twice).
+        self._names: dict[ServiceKey, frozenset[ServicePortName]] = {}
 
     def update(self, result: EndpointsResult) -> None:
         sources = self._by_service.setdefault(result.service, {})
         sources[result.source] = result.ports
+        self._names.pop(result.service, None)
 
     def delete(self, service: ServiceKey, source: str) -> None:
         sources = self._by_service.get(service)
         if sources is not None:
             sources.pop(source, None)
+            self._names.pop(service, None)
             if not sources:
                 del self._by_service[service]
 
-    def port_names(self, service: ServiceKey) -> set[ServicePortName]:
-        return {
-            ServicePortName(service[0], service[1], port, protocol)
-            for ports in self._by_service.get(service, {}).values()
-            for port, protocol in ports
-        }
+    def port_names(self, service: ServiceKey) -> frozenset[ServicePortName]:
+        names = self._names.get(service)
+        if names is None:
+            names = self._names[service] = frozenset(
+                ServicePortName(service[0], service[1], port, protocol)
+                for ports in self._by_service.get(service, {}).values()
+                for port, protocol in ports
+            )
+        return names
 
     def infos(self, name: ServicePortName) -> list[EndpointInfo]:
         key: tuple[str, Protocol] = (name.port, name.protocol)
