@@ -304,10 +304,15 @@ def iperf_tcp(b: Bench, peer: str, streams: int) -> dict[str, float]:
 def iperf_udp(b: Bench, peer: str) -> dict[str, float]:
     host, port = TARGETS[peer]["iperf"]
     rate = UDP_RATE_PPS * 64 * 8
+    before = cpu_seconds(b, peer)
     result = iperf(b, "-u", "-c", host, "-p", str(port), "-t", "3", "-l", "64", "-b", str(rate))
+    after = cpu_seconds(b, peer)
     s = result["end"]["sum"]
     received = s["packets"] - s["lost_packets"]
-    return {"udp_kpps": received / s["seconds"] / 1000, "udp_loss_pct": s["lost_percent"]}
+    out = {"udp_kpps": received / s["seconds"] / 1000, "udp_loss_pct": s["lost_percent"]}
+    if before is not None and after is not None:
+        out["udp_cpu_us_per_pkt"] = (after - before) * 1e6 / max(received, 1)
+    return out
 
 
 _UNITS = {"us": 1.0, "ms": 1000.0, "s": 1e6}
@@ -484,6 +489,7 @@ METRICS = [  # key, header, format, higher is better
     ("echo_p50_us", "64 B echo RTT p50 us", "{:.0f}", False),
     ("udp_kpps", f"UDP kpps ({UDP_RATE_PPS // 1000} offered)", "{:.0f}", True),
     ("udp_loss_pct", "UDP loss %", "{:.1f}", False),
+    ("udp_cpu_us_per_pkt", "proxy CPU us/datagram", "{:.1f}", False),
     ("idle_kib_per_conn", "idle KiB/conn", "{:.2f}", False),
 ]
 

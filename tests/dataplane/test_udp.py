@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from typing import Any
 
 from tests.conftest import loopback_settings
 from tests.helpers import LOCAL, udp_ask, udp_echo, wait_for
-from userproxy import UserProxy
+from userproxy import ProxySettings, UserProxy
 from userproxy.objects import endpoint_slice, service
 
 NAME = "default/dns:dns"
@@ -96,3 +97,68 @@ async def test_dead_endpoint_flow_is_dropped_and_next_datagram_goes_elsewhere(
     sock.close()
     # At most the first datagram sent to the dead endpoint is lost; the flow then moves.
     assert answered >= 5
+
+
+def _wildcard_settings(**overrides: object) -> ProxySettings:
+    # Bound to every address, as on a node; the tests still only send to loopback.
+    return ProxySettings(bind_address="0.0.0.0", min_sync_period=0.0, **overrides)  # type: ignore[arg-type]
+
+
+def _listener(proxy: UserProxy) -> Any:
+    return proxy.proxier.runtimes[next(iter(proxy.proxier.runtimes))].listener  # type: ignore[union-attr]
+
+
+def _flows(proxy: UserProxy) -> dict[tuple[str, int], Any]:
+    return _listener(proxy).flows  # type: ignore[no-any-return]
+
+
+async def test_wildcard_flow_continues_on_its_client_socket_with_the_right_source(
+    udp_backend: int,
+) -> None:
+    """After the first datagram, a flow's traffic uses a socket connected to the client (the
+    kernel prefers it); replies still come from the address the client sent to."""
+    async with UserProxy(_wildcard_settings()) as proxy:
+        port = await serve(proxy, udp_backend)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((LOCAL, 0))
+        sock.settimeout(2)
+        try:
+            for i in range(20):
+                payload = os.urandom(100 + i)
+                await asyncio.to_thread(sock.sendto, payload, (LOCAL, port))
+                reply, source = await asyncio.to_thread(sock.recvfrom, 70000)
+                assert (reply, source) == (payload, (LOCAL, port))
+                if i == 0:  # from now on the service socket is not read: the kernel must
+                    # deliver the flow's datagrams to its client socket
+                    listener = _listener(proxy)
+                    listener.loop.remove_reader(listener.sock.fileno())
+            flows = list(_flows(proxy).values())
+            assert len(flows) == 1 and flows[0].client_sock is not None
+            counters = proxy.counters(NAME)
+            assert counters.total == 1
+            assert (
+                counters.bytes_from_clients
+                == counters.bytes_to_clients
+                == sum(100 + i for i in range(20))
+            )
+        finally:
+            sock.close()
+
+
+async def test_wildcard_flow_idles_out_and_the_same_client_starts_a_new_one(
+    udp_backend: int,
+) -> None:
+    async with UserProxy(_wildcard_settings(udp_idle_timeout=0.2)) as proxy:
+        port = await serve(proxy, udp_backend)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((LOCAL, 0))
+        sock.settimeout(2)
+        try:
+            for _ in range(2):
+                await asyncio.to_thread(sock.sendto, b"hello", (LOCAL, port))
+                assert await asyncio.to_thread(sock.recvfrom, 100) == (b"hello", (LOCAL, port))
+                await wait_for(lambda: proxy.counters(NAME).active == 0, timeout=2, what="expiry")
+                assert _flows(proxy) == {}
+            assert proxy.counters(NAME).total == 2
+        finally:
+            sock.close()

@@ -15,6 +15,13 @@ Network facts this code depends on:
   while conntrack expects the node IP, so the client never sees it.
 - ICMP port-unreachable from a dead endpoint surfaces as ECONNREFUSED on the flow's
   connected socket; the flow is then dropped so the next datagram can go elsewhere.
+- On a wildcard-bound service socket, a flow also gets a client socket: bound to the address
+  its first datagram was received on (the same proxy port, SO_REUSEADDR) and connected to
+  the client. The kernel looks up sockets bound to the datagram's own address before
+  wildcard ones, and a connected socket matches the client exactly, so the rest of the
+  flow's datagrams arrive there: read with a plain `recv_into` (no address, no ancillary
+  data, no flow lookup), and replies leave through it from the right source without
+  IP_PKTINFO. Datagrams already queued on the service socket still reach the flow.
 """
 
 from __future__ import annotations
@@ -48,7 +55,16 @@ Clock = Callable[[], float]
 
 
 class _Flow:
-    __slots__ = ("client", "counters", "endpoint", "last_active", "reply_cmsg", "sock", "timer")
+    __slots__ = (
+        "client",
+        "client_sock",
+        "counters",
+        "endpoint",
+        "last_active",
+        "reply_cmsg",
+        "sock",
+        "timer",
+    )
 
     def __init__(
         self,
@@ -67,6 +83,8 @@ class _Flow:
         self.reply_cmsg = reply_cmsg
         self.last_active = now
         self.timer: asyncio.TimerHandle | None = None
+        #: Connected to the client, on the service port (see the module doc), if made.
+        self.client_sock: socket.socket | None = None
 
 
 class UdpProxy:
@@ -90,6 +108,7 @@ class UdpProxy:
         self.flows: dict[Address, _Flow] = {}
         self._sock: socket.socket | None = None
         self._pktinfo = False
+        self._port = 0
         self._reading = False
         # One receive buffer per service socket, reused for every datagram: reading into a
         # fresh 64 KiB bytes object per datagram costs more than the rest of the path.
@@ -119,7 +138,8 @@ class UdpProxy:
             sock.close()
             raise
         self._sock = sock
-        return int(sock.getsockname()[1])
+        self._port = int(sock.getsockname()[1])
+        return self._port
 
     async def start(self) -> None:
         """Read datagrams from the bound socket."""
@@ -221,16 +241,66 @@ class UdpProxy:
         counters.total += 1
         self.loop.add_reader(sock.fileno(), self._on_replies, flow)
         flow.timer = self.loop.call_later(self.idle_timeout, self._check_idle, flow)
+        local = self._received_on(ancillary)
+        if local is not None:
+            flow.client_sock = self._client_socket(local, client)
+            if flow.client_sock is not None:
+                self.loop.add_reader(flow.client_sock.fileno(), self._on_client_datagrams, flow)
         return flow
 
-    def _reply_cmsg(self, ancillary: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes]]:
+    def _received_on(self, ancillary: list[tuple[int, int, bytes]]) -> bytes | None:
+        """The (post-NAT) address a datagram was delivered to, from its IP_PKTINFO."""
         if not self._pktinfo:
-            return []
+            return None
         for level, kind, data in ancillary:
             if level == socket.SOL_IP and kind == IP_PKTINFO:
-                _, _, header_dst = _PKTINFO.unpack_from(data)
-                return [(socket.SOL_IP, IP_PKTINFO, _PKTINFO.pack(0, header_dst, bytes(4)))]
-        return []
+                header_dst: bytes = _PKTINFO.unpack_from(data)[2]
+                return header_dst
+        return None
+
+    def _reply_cmsg(self, ancillary: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes]]:
+        local = self._received_on(ancillary)
+        if local is None:
+            return []
+        return [(socket.SOL_IP, IP_PKTINFO, _PKTINFO.pack(0, local, bytes(4)))]
+
+    def _client_socket(self, local: bytes, client: Address) -> socket.socket | None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            _grow_receive_buffer(sock, SERVICE_RCVBUF)  # it takes over the flow's bursts
+            sock.setblocking(False)
+            sock.bind((socket.inet_ntoa(local), self._port))
+            sock.connect(client)
+        except OSError as err:  # the flow still works through the service socket
+            sock.close()
+            log.debug("No client socket for a UDP flow.", service=str(self.name), error=str(err))
+            return None
+        return sock
+
+    def _on_client_datagrams(self, flow: _Flow) -> None:
+        client_sock = flow.client_sock
+        if client_sock is None:
+            return
+        buffer, view = self._buffer, self._view
+        flow.last_active = self.loop.time()
+        for _ in range(READ_BATCH):
+            try:
+                # 64 KiB holds any IPv4 datagram: no truncation to check for.
+                size = client_sock.recv_into(buffer)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # e.g. ECONNREFUSED: the client's port is gone
+                self._close_flow(flow)
+                return
+            try:
+                flow.sock.send(view[:size])
+            except (BlockingIOError, InterruptedError):
+                continue  # the socket buffer is full: drop, as the network would
+            except OSError:
+                self._close_flow(flow)
+                return
+            flow.counters.bytes_from_clients += size
 
     # ---------------------------------------------------------------- endpoint -> client
     def _on_replies(self, flow: _Flow) -> None:
@@ -248,7 +318,10 @@ class UdpProxy:
             if service_sock is None:
                 return
             try:
-                service_sock.sendmsg([view[:size]], flow.reply_cmsg, 0, flow.client)
+                if flow.client_sock is not None:
+                    flow.client_sock.send(view[:size])
+                else:
+                    service_sock.sendmsg([view[:size]], flow.reply_cmsg, 0, flow.client)
             except (BlockingIOError, InterruptedError):
                 continue
             except OSError as err:
@@ -272,6 +345,10 @@ class UdpProxy:
             flow.timer.cancel()
         self.loop.remove_reader(flow.sock.fileno())
         flow.sock.close()
+        if flow.client_sock is not None:
+            self.loop.remove_reader(flow.client_sock.fileno())
+            flow.client_sock.close()
+            flow.client_sock = None
         flow.counters.active -= 1
 
 
