@@ -13,7 +13,7 @@ import aiohttp
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import TcpBackend
+from tests.helpers import TcpBackend, udp_echo
 from userproxy.objects import endpoint_slice, service
 from userproxy.workers import decode_state, encode_state
 
@@ -125,3 +125,71 @@ def test_state_round_trips() -> None:
                        affinity=Affinity(True, 60))  # fmt: skip
     state = [(port, 40000, [Endpoint("10.0.0.1", 8080)])]
     assert decode_state(encode_state(state)) == state
+
+
+async def test_two_workers_udp_flows_keep_affinity_and_their_reply_source(tmp_path: Path) -> None:
+    """UDP on the wildcard address with two processes: each client's flow stays in the process
+    the reuseport program picked (its client socket lives there), affinity holds across new
+    flows, and replies come from the address the client sent to."""
+    echoes = [await udp_echo(prefix=f"pod{i}:".encode()) for i in (1, 2)]
+    manifest = [
+        service("dns", cluster_ip="10.96.0.10", ports=[("dns", 53, "UDP")], session_affinity=True),
+        *(
+            endpoint_slice(
+                "dns", addresses=["127.0.0.1"], ports=[("dns", port, "UDP")], name=f"s{i}"
+            )
+            for i, (_, port) in enumerate(echoes)
+        ),
+    ]
+    path = tmp_path / "svc.yaml"
+    path.write_text(yaml.safe_dump_all(manifest))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "userproxy", "run", "--manifests", str(path), "--workers", "2",
+        "--portals", "off", "--healthz-bind-address", "", "--metrics-bind-address", "127.0.0.1:0",
+        "--log-format", "json", stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        port = 0
+        while True:
+            event = json.loads(await asyncio.wait_for(proc.stderr.readline(), 15))
+            if event["event"] == "Serving the service port.":
+                port = event["proxy_port"]
+            if event["event"] == "userproxy is running.":
+                break
+
+        async def sockets() -> str:
+            ss = await asyncio.create_subprocess_exec(
+                "ss", "-Hlunp", f"sport = :{port}", stdout=asyncio.subprocess.PIPE
+            )
+            return (await ss.communicate())[0].decode()
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while (await sockets()).count("users:") != 2:  # both processes bound the port
+            assert loop.time() < deadline, await sockets()
+            await asyncio.sleep(0.1)
+
+        def ask(source: str, count: int) -> set[str]:
+            names = set()
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                sock.bind((source, 0))
+                sock.settimeout(3)
+                for i in range(count):
+                    sock.sendto(b"q%d" % i, ("127.0.0.1", port))
+                    reply, origin = sock.recvfrom(100)
+                    assert origin == ("127.0.0.1", port) and reply.endswith(b":q%d" % i)
+                    names.add(reply.split(b":")[0].decode())
+            return names
+
+        seen: dict[str, set[str]] = {}
+        for _ in range(3):  # a new flow (source port) per round
+            for ip in CLIENT_IPS:
+                seen.setdefault(ip, set()).update(await asyncio.to_thread(ask, ip, 5))
+        assert all(len(names) == 1 for names in seen.values()), seen  # affinity held
+        assert {n for names in seen.values() for n in names} == {"pod1", "pod2"}
+    finally:
+        proc.terminate()
+        assert await asyncio.wait_for(proc.wait(), 15) == 0
+        for transport, _ in echoes:
+            transport.close()
