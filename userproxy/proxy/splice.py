@@ -93,6 +93,8 @@ class SpliceRelay:
 
     # ---------------------------------------------------------------- moving data
     def _readable(self, direction: _Direction) -> None:
+        if self.closed:  # an event collected before the close
+            return
         try:
             moved = os.splice(direction.src.fileno(), direction.pipe_w, PIPE_SIZE, flags=_FLAGS)
         except (BlockingIOError, InterruptedError):
@@ -128,6 +130,8 @@ class SpliceRelay:
             self._start_reading(direction)
 
     def _writable(self, direction: _Direction) -> None:
+        if self.closed:
+            return
         self.loop.remove_writer(direction.dst.fileno())
         self._drain(direction)
 
