@@ -145,3 +145,55 @@ async def test_removing_the_service_resets_a_spliced_relay(proxy: UserProxy) -> 
                 break
     writer.close()
     await backend.stop()
+
+
+async def test_without_descriptor_budget_bulk_stays_on_transports(proxy: UserProxy) -> None:
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+        writer.write_eof()
+
+    backend = await TcpBackend("b").start(echo)
+    port = await serve(proxy, backend.port)
+    proxy.proxier.runtimes[next(iter(proxy.proxier.runtimes))].listener.splice_budget = 0  # type: ignore[union-attr]
+    payload = os.urandom(BULK)
+    reader, writer = await asyncio.open_connection(LOCAL, port)
+
+    async def send() -> None:
+        writer.write(payload)
+        await writer.drain()
+        writer.write_eof()
+
+    _, echoed = await asyncio.wait_for(asyncio.gather(send(), reader.read()), 10)
+    assert echoed == payload
+    assert not spliced(proxy)
+    writer.close()
+    await wait_for(lambda: proxy.counters(NAME).active == 0, what="relay closed")
+    await backend.stop()
+
+
+async def test_spliced_relays_are_counted_until_they_close(proxy: UserProxy) -> None:
+    from userproxy.proxy.splice import SpliceRelay
+
+    before = SpliceRelay.active
+    answer = os.urandom(BULK)
+
+    async def answer_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    backend = await TcpBackend("b").start(answer_then_close)
+    port = await serve(proxy, backend.port)
+    reader, writer = await asyncio.open_connection(LOCAL, port)
+    assert (
+        await asyncio.wait_for(reader.readexactly(2 * SPLICE_AFTER), 10)
+        == answer[: 2 * SPLICE_AFTER]
+    )
+    assert SpliceRelay.active == before + 1
+    assert await asyncio.wait_for(reader.read(), 10) == answer[2 * SPLICE_AFTER :]
+    writer.close()
+    await wait_for(lambda: proxy.counters(NAME).active == 0, what="relay closed")
+    assert SpliceRelay.active == before
+    await backend.stop()

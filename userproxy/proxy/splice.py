@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import resource
 import socket
 import struct
 from collections.abc import Callable
@@ -38,6 +39,13 @@ _LINGER_RESET = struct.pack("ii", 1, 0)
 
 def splice_supported() -> bool:
     return hasattr(os, "splice")
+
+
+def descriptor_budget() -> int:
+    """How many relays may be spliced at once: each holds four more descriptors (two pipes),
+    so at most a quarter of the descriptor limit goes to pipes, leaving room to accept."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(0, soft // 16) if soft != resource.RLIM_INFINITY else 1 << 20
 
 
 class _Direction:
@@ -63,6 +71,9 @@ class _Direction:
 class SpliceRelay:
     """Both directions of one relay, spliced. `on_closed` runs once both sockets are closed."""
 
+    #: Relays spliced now, in this process (checked against `descriptor_budget()`).
+    active = 0
+
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
@@ -78,6 +89,7 @@ class SpliceRelay:
         self.backend = backend
         self.on_closed = on_closed
         self.closed = False
+        self.started = False
         upstream = _Direction(client, backend, to_backend)  # may fail: out of descriptors
         try:
             downstream = _Direction(backend, client, to_client)
@@ -88,6 +100,8 @@ class SpliceRelay:
         self._fds = (client.fileno(), backend.fileno())
 
     def start(self) -> None:
+        SpliceRelay.active += 1
+        self.started = True
         for direction in self.directions:
             self._start_reading(direction)
 
@@ -158,6 +172,8 @@ class SpliceRelay:
         if self.closed:
             return
         self.closed = True
+        if self.started:
+            SpliceRelay.active -= 1
         for fd in self._fds:
             self.loop.remove_reader(fd)
             self.loop.remove_writer(fd)

@@ -33,7 +33,13 @@ import structlog
 
 from userproxy.balancer import BalancerError, RoundRobinBalancer
 from userproxy.model import ServicePortName
-from userproxy.proxy.splice import SPLICE_AFTER, SpliceRelay, splice_supported, take_socket
+from userproxy.proxy.splice import (
+    SPLICE_AFTER,
+    SpliceRelay,
+    descriptor_budget,
+    splice_supported,
+    take_socket,
+)
 from userproxy.proxy.stats import EndpointCounters, PortStats
 
 log = structlog.get_logger("userproxy.tcp")
@@ -216,6 +222,7 @@ class ClientSide(_Side):
             or self.transport.get_write_buffer_size()
             or backend.transport.get_write_buffer_size()
             or not splice_supported()
+            or SpliceRelay.active >= self.service.splice_budget
         ):
             return
         try:
@@ -319,6 +326,8 @@ class TcpProxy:
         self.connections = connections
         self.clock = clock
         self.dial_timeouts = dial_timeouts
+        #: Relays that may be spliced at once, in this process (see `splice.descriptor_budget`).
+        self.splice_budget = descriptor_budget()
         self.loop = asyncio.get_running_loop()
         self._server: asyncio.Server | None = None
         #: The listening socket, once listening.
