@@ -6,6 +6,7 @@ import asyncio
 import os
 import resource
 import socket
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -132,3 +133,10 @@ async def tcp_name(port: int, host: str = LOCAL) -> str:
         return (await asyncio.wait_for(reader.readline(), 3)).decode().strip()
     finally:
         writer.close()
+
+
+def send_reset(writer: asyncio.StreamWriter) -> None:
+    """Close the client's connection with an RST (SO_LINGER 0) instead of a FIN."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()

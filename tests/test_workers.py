@@ -37,6 +37,31 @@ async def name_from(port: int, source: str) -> str:
         sock.close()
 
 
+async def run_two_processes(manifests: Path) -> asyncio.subprocess.Process:
+    """`userproxy run --workers 2` on these manifests, logging JSON to its stderr pipe."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "userproxy", "run", "--manifests", str(manifests), "--workers", "2",
+        "--portals", "off", "--healthz-bind-address", "", "--metrics-bind-address", "127.0.0.1:0",
+        "--log-format", "json", stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+
+
+async def both_processes_bound(port: int, ss_flags: str) -> None:
+    """Wait until two processes hold the proxy port (`ss` flags pick TCP or UDP)."""
+
+    async def holders() -> str:
+        ss = await asyncio.create_subprocess_exec(
+            "ss", ss_flags, f"sport = :{port}", stdout=asyncio.subprocess.PIPE
+        )
+        return (await ss.communicate())[0].decode()
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while (await holders()).count("users:") != 2:
+        assert loop.time() < deadline, await holders()
+        await asyncio.sleep(0.1)
+
+
 async def test_two_workers_keep_affinity_and_report_every_connection(
     tmp_path: Path, backends: list[TcpBackend]
 ) -> None:
@@ -51,11 +76,7 @@ async def test_two_workers_keep_affinity_and_report_every_connection(
     ]
     path = tmp_path / "svc.yaml"
     path.write_text(yaml.safe_dump_all(manifest))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "userproxy", "run", "--manifests", str(path), "--workers", "2",
-        "--portals", "off", "--healthz-bind-address", "", "--metrics-bind-address", "127.0.0.1:0",
-        "--log-format", "json", stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    proc = await run_two_processes(path)
     metrics = ""
     try:
         assert proc.stderr is not None
@@ -76,17 +97,8 @@ async def test_two_workers_keep_affinity_and_report_every_connection(
         (entry,) = (await status())["service_ports"]
         port = entry["proxy_port"]
 
-        async def listeners() -> str:
-            ss = await asyncio.create_subprocess_exec(
-                "ss", "-Hltnp", f"sport = :{port}", stdout=asyncio.subprocess.PIPE
-            )
-            return (await ss.communicate())[0].decode()
-
+        await both_processes_bound(port, "-Hltnp")
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + 5
-        while (await listeners()).count("users:") != 2:  # two processes in the group
-            assert loop.time() < deadline, await listeners()
-            await asyncio.sleep(0.1)
         seen: dict[str, set[str]] = {}
         for _ in range(4):
             for ip in CLIENT_IPS:
@@ -143,11 +155,7 @@ async def test_two_workers_udp_flows_keep_affinity_and_their_reply_source(tmp_pa
     ]
     path = tmp_path / "svc.yaml"
     path.write_text(yaml.safe_dump_all(manifest))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "userproxy", "run", "--manifests", str(path), "--workers", "2",
-        "--portals", "off", "--healthz-bind-address", "", "--metrics-bind-address", "127.0.0.1:0",
-        "--log-format", "json", stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    proc = await run_two_processes(path)
     try:
         assert proc.stderr is not None
         port = 0
@@ -157,18 +165,7 @@ async def test_two_workers_udp_flows_keep_affinity_and_their_reply_source(tmp_pa
                 port = event["proxy_port"]
             if event["event"] == "userproxy is running.":
                 break
-
-        async def sockets() -> str:
-            ss = await asyncio.create_subprocess_exec(
-                "ss", "-Hlunp", f"sport = :{port}", stdout=asyncio.subprocess.PIPE
-            )
-            return (await ss.communicate())[0].decode()
-
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 5
-        while (await sockets()).count("users:") != 2:  # both processes bound the port
-            assert loop.time() < deadline, await sockets()
-            await asyncio.sleep(0.1)
+        await both_processes_bound(port, "-Hlunp")
 
         def ask(source: str, count: int) -> set[str]:
             names = set()

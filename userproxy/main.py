@@ -164,12 +164,7 @@ async def serve_manifests(settings: ProxySettings, path: Path, run: RunOptions) 
                 log.error("Cannot read the manifests.", reason=str(err))
                 return 2
             async with proxy:
-                log.info(
-                    "userproxy is running.",
-                    manifests=str(path),
-                    service_ports=len(proxy.service_ports()),
-                    first_sync_seconds=_rounded(proxy.runner.last_duration),
-                )
+                _log_running(proxy, manifests=str(path))
                 await source.watch()
     except StartupError as err:
         log.error("Cannot start.", reason=str(err))
@@ -210,12 +205,7 @@ async def serve_kubernetes(
             log.info("Listing Services and endpoints.", server=source.server)
             await source.initial_list()
             async with proxy:
-                log.info(
-                    "userproxy is running.",
-                    server=source.server,
-                    service_ports=len(proxy.service_ports()),
-                    first_sync_seconds=_rounded(proxy.runner.last_duration),
-                )
+                _log_running(proxy, server=source.server)
                 await source.watch()
     except StartupError as err:
         log.error("Cannot start.", reason=str(err))
@@ -225,5 +215,11 @@ async def serve_kubernetes(
     return 0  # pragma: no cover - watch() only ends by cancellation
 
 
-def _rounded(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds, 3)
+def _log_running(proxy: UserProxy, **source: str) -> None:
+    first_sync = proxy.runner.last_duration
+    log.info(
+        "userproxy is running.",
+        **source,
+        service_ports=len(proxy.service_ports()),
+        first_sync_seconds=None if first_sync is None else round(first_sync, 3),
+    )

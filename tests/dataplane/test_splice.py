@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
-import struct
 
 import pytest
 
-from tests.helpers import LOCAL, TcpBackend, wait_for
+from tests.helpers import LOCAL, TcpBackend, send_reset, wait_for
 from userproxy import UserProxy
 from userproxy.objects import endpoint_slice, service
 from userproxy.proxy.splice import SPLICE_AFTER
@@ -118,9 +116,7 @@ async def test_client_reset_during_splice_reaches_the_backend_as_a_reset(
     writer.write(os.urandom(BULK))
     await writer.drain()
     await wait_for(lambda: spliced(proxy), what="the relay handed to splice")
-    sock = writer.get_extra_info("socket")
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
+    send_reset(writer)
     assert await asyncio.wait_for(outcome, 5) == "reset"
     await wait_for(lambda: proxy.counters(NAME).active == 0, what="relay closed")
     await backend.stop()

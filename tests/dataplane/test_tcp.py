@@ -6,13 +6,12 @@ import asyncio
 import contextlib
 import os
 import socket
-import struct
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers import LOCAL, TcpBackend, wait_for
+from tests.helpers import LOCAL, TcpBackend, send_reset, wait_for
 from userproxy import UserProxy
 from userproxy.objects import endpoint_slice, service
 
@@ -74,16 +73,10 @@ async def test_backend_half_close_keeps_client_to_backend_flowing(proxy: UserPro
     await wait_for(lambda: proxy.counters(NAME).active == 0, what="relay closed")
 
 
-def _rst(writer: asyncio.StreamWriter) -> None:
-    sock = writer.get_extra_info("socket")
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
-
-
 async def test_backend_reset_reaches_the_client_as_a_reset(proxy: UserProxy) -> None:
     async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readexactly(1)
-        _rst(writer)
+        send_reset(writer)
 
     backend = await TcpBackend("b").start(reset)
     port = await serve(proxy, backend.port)
@@ -111,7 +104,7 @@ async def test_client_reset_reaches_the_backend_as_a_reset(proxy: UserProxy) -> 
     _reader, writer = await asyncio.open_connection(LOCAL, port)
     writer.write(b"x")
     await wait_for(lambda: proxy.counters(NAME).active == 1, what="relay up")
-    _rst(writer)
+    send_reset(writer)
     assert await asyncio.wait_for(outcome, 5) == "reset"
     await backend.stop()
 
@@ -251,7 +244,7 @@ async def test_a_reset_after_bulk_still_reaches_the_client_as_a_reset(proxy: Use
         writer.write(b"z" * (2 * MIB))
         await writer.drain()
         await reader.readexactly(1)  # the client has read everything
-        _rst(writer)
+        send_reset(writer)
 
     backend = await TcpBackend("b").start(stream_then_reset)
     port = await serve(proxy, backend.port)
@@ -293,7 +286,7 @@ async def test_finished_relays_are_freed_without_the_cycle_collector(proxy: User
             writer.close()
             await writer.wait_closed()
         await wait_for(lambda: proxy.counters(NAME).active == 0, what="relays closed")
-        await asyncio.sleep(0.05)
+        await wait_for(lambda: not backend.handlers, what="backend handlers done")
         gc.collect()
         relay_types = (tcp.ClientSide, tcp.BackendSide, asyncio.Task)
         leaked = [o for o in gc.garbage if isinstance(o, relay_types)]

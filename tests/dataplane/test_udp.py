@@ -104,6 +104,14 @@ def _wildcard_settings(**overrides: object) -> ProxySettings:
     return ProxySettings(bind_address="0.0.0.0", min_sync_period=0.0, **overrides)  # type: ignore[arg-type]
 
 
+def _unconnected_client() -> socket.socket:
+    """A blocking client socket that sees each reply's source address (recvfrom)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((LOCAL, 0))
+    sock.settimeout(2)
+    return sock
+
+
 def _listener(proxy: UserProxy) -> Any:
     return proxy.proxier.runtimes[next(iter(proxy.proxier.runtimes))].listener  # type: ignore[union-attr]
 
@@ -119,10 +127,7 @@ async def test_wildcard_flow_continues_on_its_client_socket_with_the_right_sourc
     kernel prefers it); replies still come from the address the client sent to."""
     async with UserProxy(_wildcard_settings()) as proxy:
         port = await serve(proxy, udp_backend)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.bind((LOCAL, 0))
-        sock.settimeout(2)
-        try:
+        with _unconnected_client() as sock:
             for i in range(20):
                 payload = os.urandom(100 + i)
                 await asyncio.to_thread(sock.sendto, payload, (LOCAL, port))
@@ -141,8 +146,6 @@ async def test_wildcard_flow_continues_on_its_client_socket_with_the_right_sourc
                 == counters.bytes_to_clients
                 == sum(100 + i for i in range(20))
             )
-        finally:
-            sock.close()
 
 
 async def test_wildcard_flow_idles_out_and_the_same_client_starts_a_new_one(
@@ -150,15 +153,10 @@ async def test_wildcard_flow_idles_out_and_the_same_client_starts_a_new_one(
 ) -> None:
     async with UserProxy(_wildcard_settings(udp_idle_timeout=0.2)) as proxy:
         port = await serve(proxy, udp_backend)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.bind((LOCAL, 0))
-        sock.settimeout(2)
-        try:
+        with _unconnected_client() as sock:
             for _ in range(2):
                 await asyncio.to_thread(sock.sendto, b"hello", (LOCAL, port))
                 assert await asyncio.to_thread(sock.recvfrom, 100) == (b"hello", (LOCAL, port))
                 await wait_for(lambda: proxy.counters(NAME).active == 0, timeout=2, what="expiry")
                 assert _flows(proxy) == {}
             assert proxy.counters(NAME).total == 2
-        finally:
-            sock.close()

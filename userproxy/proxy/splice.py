@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import os
 import resource
 import socket
@@ -41,6 +42,7 @@ def splice_supported() -> bool:
     return hasattr(os, "splice")
 
 
+@functools.cache  # once per process (the CLI raises the limit before any listener exists)
 def descriptor_budget() -> int:
     """How many relays may be spliced at once: each holds four more descriptors (two pipes),
     so at most a quarter of the descriptor limit goes to pipes, leaving room to accept."""

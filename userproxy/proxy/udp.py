@@ -173,7 +173,7 @@ class UdpProxy:
         sock = self._sock
         if sock is None:
             return
-        buffers, view, flows, now = self._buffers, self._view, self.flows, self.loop.time()
+        buffers, flows, now = self._buffers, self.flows, self.loop.time()
         for _ in range(READ_BATCH):
             try:
                 size, ancillary, flags, client = sock.recvmsg_into(buffers, _ANCILLARY_SPACE)
@@ -192,15 +192,7 @@ class UdpProxy:
             if flow is None:
                 continue
             flow.last_active = now
-            try:
-                flow.sock.send(view[:size])
-            except (BlockingIOError, InterruptedError):
-                continue  # the socket buffer is full: drop, as the network would
-            except OSError:
-                # An earlier datagram drew ICMP unreachable: the endpoint is gone.
-                self._close_flow(flow)
-                continue
-            flow.counters.bytes_from_clients += size
+            self._to_endpoint(flow, size)
 
     def _open_flow(self, client: Address, ancillary: list[tuple[int, int, bytes]]) -> _Flow | None:
         for attempt in range(DIAL_ATTEMPTS):
@@ -282,7 +274,7 @@ class UdpProxy:
         client_sock = flow.client_sock
         if client_sock is None:
             return
-        buffer, view = self._buffer, self._view
+        buffer = self._buffer
         flow.last_active = self.loop.time()
         for _ in range(READ_BATCH):
             try:
@@ -293,14 +285,21 @@ class UdpProxy:
             except OSError:  # e.g. ECONNREFUSED: the client's port is gone
                 self._close_flow(flow)
                 return
-            try:
-                flow.sock.send(view[:size])
-            except (BlockingIOError, InterruptedError):
-                continue  # the socket buffer is full: drop, as the network would
-            except OSError:
-                self._close_flow(flow)
+            if not self._to_endpoint(flow, size):
                 return
-            flow.counters.bytes_from_clients += size
+
+    def _to_endpoint(self, flow: _Flow, size: int) -> bool:
+        """Send the read buffer's first `size` bytes on the flow; False if the flow is gone."""
+        try:
+            flow.sock.send(self._view[:size])
+        except (BlockingIOError, InterruptedError):
+            return True  # the socket buffer is full: drop, as the network would
+        except OSError:
+            # An earlier datagram drew ICMP unreachable: the endpoint is gone.
+            self._close_flow(flow)
+            return False
+        flow.counters.bytes_from_clients += size
+        return True
 
     # ---------------------------------------------------------------- endpoint -> client
     def _on_replies(self, flow: _Flow) -> None:
