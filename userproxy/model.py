@@ -8,7 +8,8 @@ these types lives in `userproxy.convert`.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+import socket
+from dataclasses import dataclass, field
 
 #: Kubernetes' default for `sessionAffinityConfig.clientIP.timeoutSeconds` (3 hours).
 DEFAULT_AFFINITY_TIMEOUT_S = 10800
@@ -17,6 +18,34 @@ DEFAULT_AFFINITY_TIMEOUT_S = 10800
 class Protocol(enum.StrEnum):
     TCP = "TCP"
     UDP = "UDP"
+
+
+class Family(enum.StrEnum):
+    """An address family, named as Kubernetes' `ipFamilies` and EndpointSlice `addressType`.
+
+    Decided once, when a value is built: the converters store addresses in `ipaddress`' normal
+    form, where an IPv6 address always has a colon and an IPv4 one never does. Everything
+    downstream (sockets, rule builders, worker steering) reads the family, never the text.
+    """
+
+    IPv4 = "IPv4"
+    IPv6 = "IPv6"
+
+    @classmethod
+    def of(cls, address: str) -> Family:
+        return cls.IPv6 if ":" in address else cls.IPv4
+
+    @property
+    def socket_family(self) -> socket.AddressFamily:
+        return socket.AF_INET6 if self is Family.IPv6 else socket.AF_INET
+
+    def host_cidr(self, address: str) -> str:
+        """The one-address network of `address` (`/32` or `/128`)."""
+        return f"{address}/128" if self is Family.IPv6 else f"{address}/32"
+
+    def address_port(self, address: str, port: int) -> str:
+        """`address:port`, with IPv6 addresses in brackets."""
+        return f"[{address}]:{port}" if self is Family.IPv6 else f"{address}:{port}"
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -65,6 +94,18 @@ class ServicePort:
     affinity: Affinity = NO_AFFINITY
     #: `internalTrafficPolicy: Local`: only endpoints on this node serve cluster traffic.
     internal_local: bool = False
+    #: The family of `cluster_ip`; set when the value is built.
+    family: Family = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "family", Family.of(self.cluster_ip))
+
+    def external_ips_of(self, family: Family) -> tuple[str, ...]:
+        """The externalIPs of one family (a Service may list both)."""
+        return tuple(ip for ip in self.external_ips if Family.of(ip) is family)
+
+    def load_balancer_ips_of(self, family: Family) -> tuple[str, ...]:
+        return tuple(ip for ip in self.load_balancer_ips if Family.of(ip) is family)
 
     @property
     def protocol(self) -> Protocol:
@@ -93,9 +134,14 @@ class Endpoint:
 
     ip: str
     port: int
+    #: The family of `ip`; set when the value is built.
+    family: Family = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "family", Family.of(self.ip))
 
     def __str__(self) -> str:
-        return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
+        return self.family.address_port(self.ip, self.port)
 
 
 @dataclass(frozen=True, slots=True)

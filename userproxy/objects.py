@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from userproxy.convert import SERVICE_NAME_LABEL
+from userproxy.model import Family
 
 PortSpec = tuple[str, int] | tuple[str, int, str] | dict[str, Any]
 
@@ -81,7 +82,9 @@ def endpoint_slice(
             "namespace": namespace,
             "labels": {SERVICE_NAME_LABEL: service_name},
         },
-        "addressType": "IPv6" if any(":" in a for a in addresses) else "IPv4",
+        "addressType": (
+            Family.IPv6 if any(Family.of(a) is Family.IPv6 for a in addresses) else Family.IPv4
+        ).value,
         "endpoints": endpoints,
         "ports": [_port(p) for p in ports],
     }

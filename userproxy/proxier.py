@@ -23,7 +23,7 @@ import structlog
 from userproxy.balancer import RoundRobinBalancer
 from userproxy.changes import EndpointsCache, ServiceChangeTracker, ServiceKey, names_of
 from userproxy.convert import EndpointsResult
-from userproxy.model import Endpoint, Protocol, ServicePort, ServicePortName
+from userproxy.model import Endpoint, Family, Protocol, ServicePort, ServicePortName
 from userproxy.ports import PortAllocator, PortsExhausted, make_allocator
 from userproxy.proxy.stats import PortStats
 from userproxy.proxy.tcp import ClientSide, TcpProxy, abort_all
@@ -250,9 +250,10 @@ class Proxier:
         bound = listener.bind(
             host=self.settings.bind_address,
             port=port,
+            family=self.settings.bind_family,
             reuse_port=self.settings.workers_reuse_port or workers > 1,
         )
-        if workers > 1 and listener.sock is not None and ":" not in self.settings.bind_address:
+        if workers > 1 and listener.sock is not None and self.settings.bind_family is Family.IPv4:
             steer_by_client_ip(listener.sock, workers)
         return bound
 

@@ -7,6 +7,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+from userproxy.model import Family
 from userproxy.ports import PortRange
 
 
@@ -83,3 +84,7 @@ class ProxySettings:
     @property
     def wildcard_bind(self) -> bool:
         return ipaddress.ip_address(self.bind_address).is_unspecified
+
+    @property
+    def bind_family(self) -> Family:
+        return Family.of(self.bind_address)

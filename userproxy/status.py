@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from userproxy.model import ServicePort, ServicePortName
+from userproxy.model import Family, ServicePort, ServicePortName
 from userproxy.proxier import Proxier
 from userproxy.proxy.stats import CountersSnapshot, snapshot
 
@@ -45,6 +45,7 @@ def collect(
             {
                 "name": str(name),
                 "protocol": port.protocol.value,
+                "family": port.family.value,
                 "cluster_ip": port.cluster_ip,
                 "port": port.port,
                 "node_port": port.node_port or None,
@@ -83,8 +84,9 @@ def affinity_text(port: ServicePort) -> str:
     return f"ClientIP {policy.timeout_s}s" if policy.client_ip else "None"
 
 
-def _vip(ip: str, port: int) -> str:
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+def _vip(sp: dict[str, Any]) -> str:
+    # Older proxies' JSON has no family: they served IPv4 only.
+    return Family(sp.get("family", "IPv4")).address_port(sp["cluster_ip"], sp["port"])
 
 
 def _cell(value: object) -> str:
@@ -105,8 +107,7 @@ def render(status: Status) -> str:
         )
         proxy_port = "kernel" if sp["proxy_port"] is None else sp["proxy_port"]
         lines.append(
-            f"{sp['protocol']:<5}{_vip(sp['cluster_ip'], sp['port']):<26}{sp['name']:<32}"
-            f"{proxy_port:>9}  {scheduler}"
+            f"{sp['protocol']:<5}{_vip(sp):<26}{sp['name']:<32}{proxy_port:>9}  {scheduler}"
         )
         extras = []
         if sp["node_port"]:

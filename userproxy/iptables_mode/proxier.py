@@ -188,6 +188,7 @@ class KernelProxier:
                 {
                     "name": str(port.name),
                     "protocol": port.protocol.value,
+                    "family": port.family.value,
                     "cluster_ip": port.cluster_ip,
                     "port": port.port,
                     "node_port": port.node_port or None,

@@ -28,7 +28,7 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from userproxy.model import Endpoint, ServicePort
+from userproxy.model import Endpoint, Family, ServicePort
 from userproxy.portals.rules import Jump, Rule, Target, safe_comment
 
 NAT, FILTER = "nat", "filter"
@@ -135,13 +135,13 @@ def _match(port: ServicePort, dport: int) -> list[str]:
 
 def _service_port(rs: KernelRuleset, entry: Backed, config: KernelConfig) -> None:
     port = entry.port
-    if ":" in port.cluster_ip or not port.cluster_ip:
+    if port.family is not Family.IPv4 or not port.cluster_ip:
         return  # iptables is IPv4; IPv6 service ports need ip6tables (not done)
     name = safe_comment(str(port.name))
     svc = service_chain(port)
     ips = [(port.cluster_ip, "cluster IP", config.masquerade_all)]
-    ips += [(ip, "external IP", True) for ip in port.external_ips if ":" not in ip]
-    ips += [(ip, "loadbalancer IP", True) for ip in port.load_balancer_ips if ":" not in ip]
+    ips += [(ip, "external IP", True) for ip in port.external_ips_of(Family.IPv4)]
+    ips += [(ip, "loadbalancer IP", True) for ip in port.load_balancer_ips_of(Family.IPv4)]
     if not entry.endpoints:
         for ip, _, _ in ips:
             rs.add(FILTER, SERVICES, "-m", "comment", "--comment", f'"{name} has no endpoints"',

@@ -36,7 +36,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from userproxy.model import ServicePort
+from userproxy.model import Family, ServicePort
 
 NAT, FILTER = "nat", "filter"
 PORTALS_CONTAINER = "KUBE-PORTALS-CONTAINER"
@@ -256,18 +256,17 @@ def port_rules(entry: PortalPort, config: PortalConfig) -> list[Rule]:
     """Every rule of one service port, in the order the old proxier opened its portals
     (the proxy-port guard is shared, see `guard_rules`)."""
     port, proxy_port = entry.port, entry.proxy_port
-    if not _ipv4(port.cluster_ip):
+    if port.family is not Family.IPv4 or not port.cluster_ip:
         return []  # the portal tables are IPv4 (iptables); IPv6 services are proxied only
     container = _container_target(config, proxy_port)
     host = Target("DNAT", to_destination=f"{_host_address(config)}:{proxy_port}")
     rules: list[Rule] = []
-    for ip in (port.cluster_ip, *port.load_balancer_ips):
-        if _ipv4(ip):
-            rules += [
-                _rule(PORTALS_CONTAINER, container, port, port.port, dst=f"{ip}/32"),
-                _rule(PORTALS_HOST, host, port, port.port, dst=f"{ip}/32"),
-            ]
-    for ip in filter(_ipv4, port.external_ips):
+    for ip in (port.cluster_ip, *port.load_balancer_ips_of(Family.IPv4)):
+        rules += [
+            _rule(PORTALS_CONTAINER, container, port, port.port, dst=f"{ip}/32"),
+            _rule(PORTALS_HOST, host, port, port.port, dst=f"{ip}/32"),
+        ]
+    for ip in port.external_ips_of(Family.IPv4):
         dst = f"{ip}/32"
         rules += [
             _rule(PORTALS_CONTAINER, container, port, port.port, dst=dst, physdev_not_in=True),
@@ -393,11 +392,6 @@ def _container_target(config: PortalConfig, proxy_port: int) -> Target:
 
 def _host_address(config: PortalConfig) -> str:
     return config.host_ip if config.wildcard else config.bind_address
-
-
-def _ipv4(ip: str) -> bool:
-    # The converters store addresses in ipaddress' normal form: IPv6 always has a colon.
-    return bool(ip) and ":" not in ip
 
 
 @dataclass

@@ -32,7 +32,7 @@ from typing import cast
 import structlog
 
 from userproxy.balancer import BalancerError, RoundRobinBalancer
-from userproxy.model import ServicePortName
+from userproxy.model import Family, ServicePortName
 from userproxy.proxy.splice import (
     SPLICE_AFTER,
     SpliceRelay,
@@ -333,13 +333,15 @@ class TcpProxy:
         #: The listening socket, once listening.
         self.sock: socket.socket | None = None
 
-    def bind(self, *, host: str, port: int, reuse_port: bool = False) -> int:
+    def bind(
+        self, *, host: str, port: int, family: Family = Family.IPv4, reuse_port: bool = False
+    ) -> int:
         """Bind and listen; returns the bound port (the kernel's choice for port 0). From here
         the kernel queues connections in the backlog until `start()` accepts them.
 
         The socket is made here rather than by `create_server(host=...)`, which resolves the
         address through getaddrinfo in a thread: 0.5 ms per listener, 5 s for 10,000."""
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock = socket.socket(family.socket_family)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if reuse_port:
@@ -364,12 +366,6 @@ class TcpProxy:
             self.sock.close()
             self.sock = None
             raise
-
-    async def listen(self, *, host: str, port: int, reuse_port: bool = False) -> int:
-        """`bind()` then `start()`."""
-        bound = self.bind(host=host, port=port, reuse_port=reuse_port)
-        await self.start()
-        return bound
 
     async def connect(self, client: ClientSide) -> None:
         client_ip = client.client_ip

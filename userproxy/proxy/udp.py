@@ -34,7 +34,7 @@ from collections.abc import Callable
 import structlog
 
 from userproxy.balancer import BalancerError, RoundRobinBalancer
-from userproxy.model import Endpoint, ServicePortName
+from userproxy.model import Endpoint, Family, ServicePortName
 from userproxy.proxy.stats import EndpointCounters, PortStats
 
 log = structlog.get_logger("userproxy.udp")
@@ -119,16 +119,17 @@ class UdpProxy:
         self._reply_view = memoryview(self._reply_buffer)
 
     # ---------------------------------------------------------------- lifecycle
-    def bind(self, *, host: str, port: int, reuse_port: bool = False) -> int:
+    def bind(
+        self, *, host: str, port: int, family: Family = Family.IPv4, reuse_port: bool = False
+    ) -> int:
         """Bind the service socket; the kernel queues datagrams until `start()` reads them."""
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock = socket.socket(family.socket_family, socket.SOCK_DGRAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if reuse_port:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             # Only a wildcard-bound socket can pick the wrong reply source (see module doc).
-            self._pktinfo = family == socket.AF_INET and host in ("0.0.0.0", "")
+            self._pktinfo = family is Family.IPv4 and host in ("0.0.0.0", "")
             if self._pktinfo:
                 sock.setsockopt(socket.SOL_IP, IP_PKTINFO, 1)
             _grow_receive_buffer(sock, SERVICE_RCVBUF)
@@ -146,12 +147,6 @@ class UdpProxy:
         assert self._sock is not None, "bind() first"
         self.loop.add_reader(self._sock.fileno(), self._on_datagrams)
         self._reading = True
-
-    async def listen(self, *, host: str, port: int, reuse_port: bool = False) -> int:
-        """`bind()` then `start()`."""
-        bound = self.bind(host=host, port=port, reuse_port=reuse_port)
-        await self.start()
-        return bound
 
     @property
     def sock(self) -> socket.socket | None:
@@ -361,8 +356,7 @@ def _grow_receive_buffer(sock: socket.socket, size: int) -> None:
 
 
 def _connected_socket(endpoint: Endpoint) -> socket.socket:
-    family = socket.AF_INET6 if ":" in endpoint.ip else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock = socket.socket(endpoint.family.socket_family, socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)
         sock.connect((endpoint.ip, endpoint.port))
