@@ -26,15 +26,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from userproxy.iptables.chains import ChainSync
+from userproxy.iptables.exec import ExecIptables
+from userproxy.iptables.iptc import IptcIptables
 from userproxy.model import ServicePort, ServicePortName
 from userproxy.portals import backends
 from userproxy.portals.rules import PortalConfig, PortalPort, RuleBuilder, Ruleset
 
 CONFIG = PortalConfig(bind_address="0.0.0.0", host_ip="192.168.50.1")
-BACKENDS: dict[str, Callable[[], backends.RuleBackend]] = {
-    "iptables-nft-restore": lambda: backends.RestoreBackend("nft"),
-    "iptables-legacy-restore": lambda: backends.RestoreBackend("legacy"),
-    "python-iptables": backends.IptcBackend,
+BACKENDS: dict[str, Callable[[], ChainSync]] = {
+    "iptables-nft-restore": lambda: backends.portal_sync(ExecIptables("nft")),
+    "iptables-legacy-restore": lambda: backends.portal_sync(ExecIptables("legacy")),
+    "python-iptables": lambda: backends.portal_sync(IptcIptables()),
 }
 
 
@@ -53,7 +56,7 @@ def ports(count: int, moved: int | None = None) -> list[PortalPort]:
 
 
 def timed(
-    backend: backends.RuleBackend, builder: RuleBuilder, entries: list[PortalPort], *, full: bool
+    backend: ChainSync, builder: RuleBuilder, entries: list[PortalPort], *, full: bool
 ) -> tuple[float, Ruleset]:
     started = time.perf_counter()
     rules = builder.build(entries)
@@ -66,14 +69,14 @@ def measure(count: int, name: str, repeat: int) -> dict[str, float]:
     results: dict[str, list[float]] = {"first": [], "resync": [], "change": []}
     size = 0
     for _ in range(repeat):
-        backends.cleanup()
+        backends.cleanup_all()
         backend, builder = BACKENDS[name](), RuleBuilder(CONFIG)
         took, rules = timed(backend, builder, full, full=True)
         results["first"].append(took)
         results["resync"].append(timed(backend, builder, full, full=True)[0])
         results["change"].append(timed(backend, builder, changed, full=False)[0])
         size = len(rules)
-    backends.cleanup()
+    backends.cleanup_all()
     return {k: statistics.median(v) for k, v in results.items()} | {"rules": size}
 
 

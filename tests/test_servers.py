@@ -16,9 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import loopback_settings
 from tests.helpers import TcpBackend, tcp_name, wait_for
 from userproxy import UserProxy
-from userproxy.model import ServicePort
+from userproxy.model import ServicePort, ServicePortName
 from userproxy.objects import endpoint_slice, service
-from userproxy.proxier import ActivePort
+from userproxy.portals.interface import ActivePort
 from userproxy.servers import Servers
 
 WEB = "default/web:http"
@@ -36,6 +36,9 @@ class HungPortals:
 
     async def port_removed(self, port: ServicePort) -> None:
         pass
+
+    def node_port_errors(self) -> dict[ServicePortName, str]:
+        return {}
 
     async def close(self) -> None:
         pass

@@ -22,7 +22,8 @@ import yaml
 
 from userproxy.iptables_mode.proxier import KernelProxier
 from userproxy.model import ServicePortName
-from userproxy.proxier import ActivePort, Portals, PortRuntime, Proxier
+from userproxy.portals.interface import ActivePort, Portals
+from userproxy.proxier import PortRuntime, Proxier
 from userproxy.proxy.stats import CountersSnapshot
 from userproxy.runner import SyncRunner
 from userproxy.settings import ProxySettings

@@ -326,11 +326,15 @@ def portal_config_from_options(options: dict[str, Any], settings: ProxySettings)
 
 
 def do_cleanup() -> int:
+    from userproxy.iptables.interface import RulesError
     from userproxy.iptables_mode.proxier import cleanup as cleanup_iptables_mode
-    from userproxy.portals.backends import RulesError, cleanup
+    from userproxy.portals import backends
 
     try:
-        removed = cleanup() + cleanup_iptables_mode()
+        removed = sum(
+            backends.cleanup(iptables) + cleanup_iptables_mode(iptables)
+            for iptables in backends.host_iptables().values()
+        )
     except RulesError as err:
         log.error("Cleanup failed.", reason=str(err))
         return 1
@@ -414,9 +418,12 @@ def ls(address: str, as_json: bool) -> None:
 def rules() -> None:
     """Print the iptables rules userproxy owns (either mode), in iptables-save form."""
     from userproxy.iptables_mode.proxier import owned_rules_text as iptables_mode_rules
-    from userproxy.portals.backends import owned_rules_text
+    from userproxy.portals import backends
 
-    click.echo(owned_rules_text() + iptables_mode_rules(), nl=False)
+    text = backends.owned_rules_text() + "".join(
+        iptables_mode_rules(iptables) for iptables in backends.host_iptables().values()
+    )
+    click.echo(text, nl=False)
 
 
 def settings_from_options(options: dict[str, Any]) -> ProxySettings:

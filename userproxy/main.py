@@ -11,19 +11,13 @@ from typing import Any
 import structlog
 
 from userproxy.app import UserProxy
+from userproxy.iptables.exec import ExecIptables
+from userproxy.iptables.interface import RulesError
 from userproxy.iptables_mode import proxier as iptables_mode
 from userproxy.iptables_mode.proxier import KernelProxier
 from userproxy.iptables_mode.rules import KernelConfig
-from userproxy.portals.backends import (
-    BackendChoice,
-    IptcBackend,
-    RulesError,
-    Variant,
-    cleanup,
-    cleanup_variant,
-    detect_variant,
-    make_backend,
-)
+from userproxy.portals import backends
+from userproxy.portals.backends import BackendChoice
 from userproxy.portals.manager import PortalManager
 from userproxy.portals.rules import PortalConfig
 from userproxy.proxier import Proxier
@@ -61,21 +55,26 @@ def make_portals(
     """A portal manager on the chosen backend, after clearing what the other variant may hold
     from an earlier run (rules of both variants would both be evaluated by the kernel), and
     what an earlier run in iptables mode left (a mode switch leaves nothing behind)."""
-    backend = make_backend(choice)
-    cleanup_variant("nft" if isinstance(backend, IptcBackend) else "legacy")
-    iptables_mode.cleanup()
-    return PortalManager(backend=backend, config=config, full_sync_period=full_sync_period)
+    iptables = backends.portal_iptables(choice)
+    for variant, host in backends.host_iptables().items():
+        if variant != iptables.variant:
+            backends.cleanup(host)
+        iptables_mode.cleanup(host)
+    return PortalManager(
+        chains=backends.portal_sync(iptables), config=config, full_sync_period=full_sync_period
+    )
 
 
 def make_kernel_proxier(settings: ProxySettings, run: RunOptions) -> KernelProxier:
     """iptables mode on the host's iptables variant, after removing the userspace mode's
     portals and any iptables-mode rules in the other variant."""
-    choice = run.iptables_backend
-    variant: Variant = detect_variant() if choice == "auto" else choice
-    writer = iptables_mode.KernelRuleWriter(variant)
-    cleanup()  # userspace portals, both variants
-    iptables_mode.cleanup_variant("nft" if variant == "legacy" else "legacy")
-    log.info("Running in iptables mode.", backend=writer.restore.name)
+    variant = backends.choose_variant(run.iptables_backend)
+    writer = iptables_mode.KernelRuleWriter(ExecIptables(variant))
+    for other, host in backends.host_iptables().items():
+        backends.cleanup(host)  # the userspace mode's portals
+        if other != variant:
+            iptables_mode.cleanup(host)
+    log.info("Running in iptables mode.", backend=writer.iptables.name)
     if _sysctl("net/ipv4/ip_forward") == "0":
         log.warning(
             "net.ipv4.ip_forward is 0: the kernel will drop service traffic it DNATs to "

@@ -16,7 +16,6 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol as TypingProtocol
 
 import structlog
 
@@ -24,6 +23,7 @@ from userproxy.balancer import RoundRobinBalancer
 from userproxy.changes import EndpointsCache, ServiceChangeTracker, ServiceKey, names_of
 from userproxy.convert import EndpointsResult
 from userproxy.model import Endpoint, Family, Protocol, ServicePort, ServicePortName
+from userproxy.portals.interface import ActivePort, Portals
 from userproxy.ports import PortAllocator, PortsExhausted, make_allocator
 from userproxy.proxy.stats import PortStats
 from userproxy.proxy.tcp import ClientSide, TcpProxy, abort_all
@@ -37,33 +37,6 @@ log = structlog.get_logger("userproxy.proxier")
 BIND_ATTEMPTS = 8
 #: A sync that opens more service ports than this logs them in one line (each at debug).
 LOG_EACH_PORT_UP_TO = 20
-
-
-@dataclass(frozen=True)
-class ActivePort:
-    """A served service port as the portal rules need it."""
-
-    port: ServicePort
-    proxy_port: int
-    has_endpoints: bool
-
-
-class SourceSink(TypingProtocol):
-    """What sources (through the router) call: both proxy modes' proxiers."""
-
-    def on_service(self, key: ServiceKey, ports: tuple[ServicePort, ...] | None) -> None: ...
-
-    def on_endpoints(self, result: EndpointsResult) -> None: ...
-
-    def on_endpoints_deleted(self, service: ServiceKey, source: str) -> None: ...
-
-
-class Portals(TypingProtocol):
-    async def sync(self, active: Sequence[ActivePort]) -> None: ...
-
-    async def port_removed(self, port: ServicePort) -> None: ...
-
-    async def close(self) -> None: ...
 
 
 @dataclass

@@ -124,7 +124,8 @@ class Servers:
         proxier = self.proxy.proxier
         if isinstance(proxier, KernelProxier):
             return await proxier.status()
-        errors = getattr(self.proxy.portals, "node_port_errors", None)
+        portals = self.proxy.portals
+        errors = portals.node_port_errors() if portals is not None else None
         extra = self.worker_counters()
         return {"mode": "userspace", **status.collect(proxier, errors, extra)}
 

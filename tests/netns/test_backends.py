@@ -11,10 +11,16 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.netns.topology import inside
+from userproxy.iptables.chains import ChainSync
+from userproxy.iptables.exec import ExecIptables
+from userproxy.iptables.interface import RulesError, Variant
+from userproxy.iptables.iptc import IptcIptables
+from userproxy.iptables.text import owned_lines
 from userproxy.model import Protocol, ServicePort, ServicePortName
 from userproxy.portals import backends
 from userproxy.portals.rules import (
     CHAINS,
+    OWNED_CHAINS,
     PortalConfig,
     PortalPort,
     Rule,
@@ -30,10 +36,10 @@ pytestmark = [
 CONFIG = PortalConfig(bind_address="0.0.0.0", host_ip="192.168.50.1")
 _seq = itertools.count()
 
-MAKERS: dict[str, tuple[backends.Variant, Callable[[], backends.RuleBackend]]] = {
-    "restore-legacy": ("legacy", lambda: backends.RestoreBackend("legacy")),
-    "restore-nft": ("nft", lambda: backends.RestoreBackend("nft")),
-    "python-iptables": ("legacy", backends.IptcBackend),
+MAKERS: dict[str, tuple[Variant, Callable[[], ChainSync]]] = {
+    "restore-legacy": ("legacy", lambda: backends.portal_sync(ExecIptables("legacy"))),
+    "restore-nft": ("nft", lambda: backends.portal_sync(ExecIptables("nft"))),
+    "python-iptables": ("legacy", lambda: backends.portal_sync(IptcIptables())),
 }
 
 
@@ -70,10 +76,10 @@ WEB = ("web", "10.96.0.10", 30080, True)
 EMPTY = ("empty", "10.96.0.11", 0, False)
 
 
-def saved(netns: str, variant: backends.Variant) -> dict[str, list[str]]:
+def saved(netns: str, variant: Variant) -> dict[str, list[str]]:
     """Every non-comment line of each table, counters left out (they move with traffic)."""
     with inside(netns):
-        texts = {t: backends.save(variant, t) for t in CHAINS}
+        texts = {t: ExecIptables(variant).save(t) for t in CHAINS}
     return {
         t: [ln.split(" [")[0] for ln in text.splitlines() if not ln.startswith("#")]
         for t, text in texts.items()
@@ -110,8 +116,9 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Ruleset], l
     return make
 
 
-def owned(netns: str, variant: backends.Variant) -> list[str]:
-    return backends.owned_lines("\n".join(itertools.chain(*saved(netns, variant).values())))
+def owned(netns: str, variant: Variant) -> list[str]:
+    dump = "\n".join(itertools.chain(*saved(netns, variant).values()))
+    return owned_lines(dump, OWNED_CHAINS.__contains__)
 
 
 def test_apply_then_reapply_changes_nothing(netns: str, kind: str, reference: Callable) -> None:
@@ -165,7 +172,7 @@ def test_a_batch_with_a_bad_rule_changes_nothing(netns: str, kind: str) -> None:
     bad = ruleset(EMPTY)
     # The filter table is written first: the bad rule is in nat, after filter was built.
     bad.add(Rule("KUBE-PORTALS-HOST", Target("DNAT", to_destination="999.1.1.1:80")))
-    with pytest.raises(backends.RulesError, match=r"999\.1\.1\.1"):
+    with pytest.raises(RulesError, match=r"999\.1\.1\.1"):
         apply(netns, kind, bad)
     assert saved(netns, variant) == before
 
@@ -176,8 +183,8 @@ def test_cleanup_removes_ours_only_and_twice_is_fine(netns: str, kind: str) -> N
     ipt(netns, variant, "-t", "nat", "-A", "PREROUTING", "-d", "10.1.1.1", "-j", "SOMEONE-ELSE")
     apply(netns, kind, ruleset(WEB, EMPTY))
     with inside(netns):
-        assert backends.cleanup() > 0
-        assert backends.cleanup() == 0
+        assert backends.cleanup_all() > 0
+        assert backends.cleanup_all() == 0
     assert owned(netns, "legacy") == [] and owned(netns, "nft") == []
     nat = saved(netns, variant)["nat"]
     assert ":SOMEONE-ELSE -" in nat

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from userproxy.iptables.rule import Ruleset
+from userproxy.iptables.text import chains_text
 from userproxy.iptables_mode import rules
 from userproxy.model import Affinity, Endpoint, Protocol, ServicePort, ServicePortName
 
 NAME = ServicePortName("ns1", "svc1", "p80")
 PORT = ServicePort(NAME, "172.30.0.41", 80, node_port=30080)
 EPS = tuple(Endpoint(f"10.180.0.{i}", 80) for i in (1, 2, 3))
+
+
+def lines(rs: Ruleset, table: str, chain: str) -> list[str]:
+    return [rule.line for rule in rs.chains[table][chain]]
 
 
 def test_chain_names_are_kube_proxys_stable_hashes() -> None:
@@ -20,13 +26,13 @@ def test_chain_names_are_kube_proxys_stable_hashes() -> None:
 
 def test_even_spread_one_over_n_down_the_chain() -> None:
     rs = rules.build([rules.Backed(PORT, EPS)])
-    svc = rs.chains["nat"][rules.service_chain(PORT)]
+    svc = lines(rs, "nat", rules.service_chain(PORT))
     assert ["--probability 0.3333333333" in svc[0], "--probability 0.5000000000" in svc[1]] == [
         True,
         True,
     ]
     assert "statistic" not in svc[2] and svc[2].endswith(rules.endpoint_chain(PORT, EPS[2]))
-    sep = rs.chains["nat"][rules.endpoint_chain(PORT, EPS[0])]
+    sep = lines(rs, "nat", rules.endpoint_chain(PORT, EPS[0]))
     assert sep == [
         f"-A {rules.endpoint_chain(PORT, EPS[0])} -m comment --comment ns1/svc1:p80 "
         "-s 10.180.0.1/32 -j KUBE-MARK-MASQ",
@@ -37,52 +43,54 @@ def test_even_spread_one_over_n_down_the_chain() -> None:
 
 def test_cluster_ip_and_node_port_entries() -> None:
     rs = rules.build([rules.Backed(PORT, EPS)])
-    services = rs.chains["nat"]["KUBE-SERVICES"]
+    services = lines(rs, "nat", "KUBE-SERVICES")
     assert services[0] == (
         '-A KUBE-SERVICES -m comment --comment "ns1/svc1:p80 cluster IP" -d 172.30.0.41/32 '
         "-p tcp -m tcp --dport 80 -j KUBE-SVC-XPGD46QRK7WJZT7O"
     )
     assert services[-1].endswith("-m addrtype --dst-type LOCAL -j KUBE-NODEPORTS")
-    assert rs.chains["nat"]["KUBE-NODEPORTS"] == [
+    assert lines(rs, "nat", "KUBE-NODEPORTS") == [
         "-A KUBE-NODEPORTS -m comment --comment ns1/svc1:p80 -p tcp -m tcp --dport 30080 "
         "-j KUBE-MARK-MASQ",
         "-A KUBE-NODEPORTS -m comment --comment ns1/svc1:p80 -p tcp -m tcp --dport 30080 "
         "-j KUBE-SVC-XPGD46QRK7WJZT7O",
     ]
-    assert rs.chains["nat"]["KUBE-POSTROUTING"][-1].endswith("-j MASQUERADE --random-fully")
+    assert lines(rs, "nat", "KUBE-POSTROUTING")[-1].endswith("-j MASQUERADE --random-fully")
 
 
 def test_external_ips_are_masqueraded_and_no_endpoints_rejected_in_filter() -> None:
     port = ServicePort(NAME, "172.30.0.41", 80, node_port=30080, external_ips=("1.2.3.4",))
     rs = rules.build([rules.Backed(port, EPS)])
-    ext = [ln for ln in rs.chains["nat"]["KUBE-SERVICES"] if "1.2.3.4" in ln]
+    ext = [ln for ln in lines(rs, "nat", "KUBE-SERVICES") if "1.2.3.4" in ln]
     assert [ln.rsplit(" ", 1)[1] for ln in ext] == ["KUBE-MARK-MASQ", "KUBE-SVC-XPGD46QRK7WJZT7O"]
     empty = rules.build([rules.Backed(port, ())])
     assert rules.service_chain(port) not in empty.chains["nat"]
-    rejects = empty.chains["filter"]["KUBE-SERVICES"]
+    rejects = lines(empty, "filter", "KUBE-SERVICES")
     assert len(rejects) == 2 and all("-j REJECT" in r for r in rejects)
-    assert "--dport 30080" in empty.chains["filter"]["KUBE-EXTERNAL-SERVICES"][0]
+    assert "--dport 30080" in lines(empty, "filter", "KUBE-EXTERNAL-SERVICES")[0]
 
 
 def test_client_ip_affinity_uses_recent_with_the_timeout() -> None:
     port = ServicePort(NAME, "172.30.0.41", 80, affinity=Affinity(client_ip=True, timeout_s=600))
     rs = rules.build([rules.Backed(port, EPS[:2])])
-    svc = rs.chains["nat"][rules.service_chain(port)]
+    svc = lines(rs, "nat", rules.service_chain(port))
     sep0 = rules.endpoint_chain(port, EPS[0])
     assert (
         f"-m recent --name {sep0} --mask 255.255.255.255 --rsource --rcheck --seconds 600 "
         f"--reap -j {sep0}" in svc[0]
     )
-    assert "--set" in rs.chains["nat"][sep0][1]
+    assert "--set" in lines(rs, "nat", sep0)[1]
 
 
 def test_restore_text_rewrites_only_changed_chains_and_deletes_stale_ones() -> None:
     before = rules.build([rules.Backed(PORT, EPS)])
     after = rules.build([rules.Backed(PORT, EPS[:2])])
-    text = rules.restore_text(after, before, {"nat": set(before.chains["nat"]), "filter": set()})
+    text = chains_text(
+        after, before, {"nat": set(before.chains["nat"]), "filter": set()}, rules.owned
+    )
     gone = rules.endpoint_chain(PORT, EPS[2])
     assert f":{rules.service_chain(PORT)} - [0:0]" in text
     assert f"-X {gone}" in text and text.index(f":{gone}") < text.index(f"-X {gone}")
     assert rules.endpoint_chain(PORT, EPS[0]) not in text.split("*nat")[1].split("\n")[1]
     assert ":KUBE-SERVICES" not in text  # unchanged: left alone
-    assert rules.restore_text(after, after, {"nat": set(after.chains["nat"])}) == ""
+    assert chains_text(after, after, {"nat": set(after.chains["nat"])}, rules.owned) == ""

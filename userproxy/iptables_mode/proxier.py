@@ -11,11 +11,7 @@ flowing across a restart; `userproxy cleanup` removes them.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import functools
-import math
 import re
-import subprocess
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,11 +20,14 @@ import structlog
 
 from userproxy.changes import EndpointsCache, ServiceChangeTracker, ServiceKey, names_of
 from userproxy.convert import EndpointsResult
+from userproxy.iptables.cleanup import dumps, owned_text, remove_owned
+from userproxy.iptables.interface import Iptables
+from userproxy.iptables.rule import NAT, Ruleset, plan_jumps
+from userproxy.iptables.text import builtin_chain_lines, chain_names, chains_text, jump_targets
+from userproxy.iptables.writer import RuleWriter
 from userproxy.iptables_mode import rules
 from userproxy.model import Endpoint, ServicePort, ServicePortName
-from userproxy.portals import backends
-from userproxy.portals.rules import plan_jumps
-from userproxy.proxier import ActivePort
+from userproxy.portals.interface import ActivePort
 from userproxy.settings import ProxySettings
 from userproxy.status import affinity_text, endpoint_row
 
@@ -36,36 +35,36 @@ log = structlog.get_logger("userproxy.iptables_mode")
 
 
 class KernelRuleWriter:
-    def __init__(self, variant: backends.Variant) -> None:
-        self.variant = variant
-        self.restore = backends.RestoreBackend(variant)
-        self._written: rules.KernelRuleset | None = None
+    """Writes the iptables-mode ruleset: only chains whose content changed, except on full
+    syncs, which rewrite every chain, delete stale ones and put missing jumps back."""
 
-    def apply(self, desired: rules.KernelRuleset, *, full: bool) -> None:
+    def __init__(self, iptables: Iptables) -> None:
+        self.iptables = iptables
+        self._written: Ruleset | None = None
+
+    def apply(self, desired: Ruleset, *, full: bool) -> None:
         written, self._written = self._written, None  # unknown until this batch lands
         if full or written is None:
             # One dump per table gives both the chains that exist and the built-in chains'
             # jumps.
-            texts = {t: backends.save(self.variant, t) for t in TABLES}
-            existing = {t: _chain_names(text) for t, text in texts.items()}
-            present = backends.builtin_chain_lines(texts, rules.JUMPS)
-            targets = {k: backends.jump_targets(v) for k, v in present.items()}
+            texts = dumps(self.iptables, rules.TABLES)
+            existing = {t: chain_names(text) for t, text in texts.items()}
+            present = builtin_chain_lines(texts, rules.JUMPS)
+            targets = {k: jump_targets(v) for k, v in present.items()}
             plan = plan_jumps(targets, rules.JUMPS)
-            text = rules.restore_text(desired, None, existing, add_jumps=plan.add)
+            text = chains_text(desired, None, existing, rules.owned, add_jumps=plan.add)
         else:
-            existing = {t: set(written.chains[t]) for t in TABLES}
-            text = rules.restore_text(desired, written, existing)
+            existing = {t: set(written.chains[t]) for t in rules.TABLES}
+            text = chains_text(desired, written, existing, rules.owned)
         if text:
-            self.restore._restore(text, verify=True)
+            self.iptables.restore(text, test_first=True)
         self._written = desired
 
     def packet_counts(self) -> dict[str, int]:
         """Packets through each KUBE-SEP chain's DNAT rule: in the nat table only the first
         packet of a connection (or UDP flow) is seen, so this counts connections."""
-        tool = f"iptables-{self.variant}-save"
-        out = subprocess.run([tool, "-c", "-t", "nat"], capture_output=True, text=True, check=False)
         counts: dict[str, int] = {}
-        for m in _SEP_DNAT.finditer(out.stdout):
+        for m in _SEP_DNAT.finditer(self.iptables.save(NAT, counters=True)):
             counts[m["chain"]] = counts.get(m["chain"], 0) + int(m["packets"])
         return counts
 
@@ -73,38 +72,23 @@ class KernelRuleWriter:
 _SEP_DNAT = re.compile(r"^\[(?P<packets>\d+):\d+\] -A (?P<chain>KUBE-SEP-\w+) .*-j DNAT", re.M)
 
 
-TABLES = (rules.FILTER, rules.NAT)
-
-
-def _chain_names(text: str) -> set[str]:
-    return {line[1:].split()[0] for line in text.splitlines() if line.startswith(":")}
-
-
-def _our_dumps(variant: backends.Variant) -> dict[str, str] | None:
+def _ours_here(iptables: Iptables) -> dict[str, str] | None:
     """The variant's table dumps if userproxy's iptables mode wrote into it (the marker
     chain exists), else None: kube-proxy's chains of the same names are never touched."""
-    texts = {t: backends.save(variant, t) for t in TABLES}
-    return texts if f":{rules.MARKER} " in texts[rules.NAT] else None
+    texts = dumps(iptables, rules.TABLES)
+    return texts if f":{rules.MARKER} " in texts[NAT] else None
 
 
-def cleanup_variant(variant: backends.Variant) -> int:
+def cleanup(iptables: Iptables) -> int:
     """Remove iptables-mode chains and jumps from one variant, if userproxy wrote them."""
-    texts = _our_dumps(variant)
-    return 0 if texts is None else backends.remove_chains(variant, texts, rules._ours)
+    texts = _ours_here(iptables)
+    return 0 if texts is None else remove_owned(iptables, texts, rules.owned)
 
 
-def cleanup() -> int:
-    return sum(cleanup_variant(v) for v in ("legacy", "nft"))
-
-
-def owned_rules_text() -> str:
-    """The iptables-mode rules userproxy wrote, in iptables-save form."""
-    out = ""
-    for variant in ("legacy", "nft"):
-        texts = _our_dumps(variant)
-        if texts is not None:
-            out += backends.owned_text(variant, texts, rules._ours, " (iptables mode)")
-    return out
+def owned_rules_text(iptables: Iptables) -> str:
+    """The iptables-mode rules userproxy wrote into one variant, in iptables-save form."""
+    texts = _ours_here(iptables)
+    return "" if texts is None else owned_text(iptables, texts, rules.owned, " (iptables mode)")
 
 
 class KernelProxier:
@@ -128,10 +112,9 @@ class KernelProxier:
         self.runtimes: dict[ServicePortName, Any] = {}  # no listeners in this mode
         self.failed: dict[ServicePortName, str] = {}
         self.request_sync: Callable[[], None] = lambda: None
-        self.last_ruleset: rules.KernelRuleset | None = None
+        self.last_ruleset: Ruleset | None = None
         self._lock = asyncio.Lock()
-        self._last_full = -math.inf
-        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="iptables")
+        self._writer = RuleWriter(full_sync_period=settings.sync_period, clock=clock)
 
     # ------------------------------------------------------------------ source handlers
     def on_service(self, key: ServiceKey, ports: tuple[ServicePort, ...] | None) -> None:
@@ -161,16 +144,7 @@ class KernelProxier:
                     self.ports.pop(name, None)
                 self.ports.update(names_of(current))
             ruleset = rules.build(self.backed(), self.config)
-            now = self.clock()
-            full = now - self._last_full >= 0.9 * self.settings.sync_period
-            write = functools.partial(self.writer.apply, ruleset, full=full)
-            try:
-                await asyncio.get_running_loop().run_in_executor(self._thread, write)
-            except Exception:
-                self._last_full = -math.inf
-                raise
-            if full:
-                self._last_full = now
+            await self._writer.write(lambda full: self.writer.apply(ruleset, full=full))
             self.last_ruleset = ruleset
 
     # ------------------------------------------------------------------ queries
@@ -178,9 +152,7 @@ class KernelProxier:
         return [ActivePort(b.port, 0, bool(b.endpoints)) for b in self.backed()]
 
     async def status(self) -> dict[str, Any]:
-        counts = await asyncio.get_running_loop().run_in_executor(
-            self._thread, self.writer.packet_counts
-        )
+        counts = await self._writer.run(self.writer.packet_counts)
         ports = []
         for b in self.backed():
             port = b.port
@@ -205,7 +177,7 @@ class KernelProxier:
 
     async def shutdown(self) -> None:
         """The rules stay: the kernel keeps serving while no proxy runs."""
-        self._thread.shutdown(wait=True)
+        self._writer.close()
 
 
 def _endpoint_row(port: ServicePort, ep: Endpoint, counts: dict[str, int]) -> dict[str, Any]:

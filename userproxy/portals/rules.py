@@ -31,14 +31,25 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-import re
-from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from userproxy.iptables import rule as generic
+from userproxy.iptables.rule import (
+    ACCEPT,
+    FILTER,
+    NAT,
+    REFUSE,
+    Jump,
+    JumpPlan,
+    Rule,
+    Ruleset,
+    Target,
+    safe_comment,
+)
+from userproxy.iptables.text import flush_text
 from userproxy.model import Family, ServicePort
 
-NAT, FILTER = "nat", "filter"
 PORTALS_CONTAINER = "KUBE-PORTALS-CONTAINER"
 PORTALS_HOST = "KUBE-PORTALS-HOST"
 NODEPORT_CONTAINER = "KUBE-NODEPORT-CONTAINER"
@@ -60,103 +71,6 @@ NODEPORT_COMMENT = "handle service NodePorts; NOTE: this must be the last rule i
 NON_LOCAL_COMMENT = "Ensure that non-local NodePort traffic can flow"
 FILTER_COMMENT = "userproxy: refuse traffic to proxy ports that bypassed the portals"
 LOOPBACK_NET = "127.0.0.0/8"
-
-
-@dataclass(frozen=True)
-class Target:
-    name: str
-    to_ports: int | None = None
-    to_destination: str | None = None
-    reject_with: str | None = None
-
-    def args(self) -> list[str]:
-        a = ["-j", self.name]
-        if self.to_ports is not None:
-            a += ["--to-ports", str(self.to_ports)]
-        if self.to_destination is not None:
-            a += ["--to-destination", self.to_destination]
-        if self.reject_with is not None:
-            a += ["--reject-with", self.reject_with]
-        return a
-
-
-ACCEPT = Target("ACCEPT")
-REFUSE = Target("REJECT", reject_with="icmp-port-unreachable")
-
-
-@dataclass(frozen=True, eq=False)
-class Rule:
-    """One rule. Equal rules have equal text: equality and hashing go through `line`, which
-    is computed once (diffing 30,000 rules field by field costs ~0.15 s per sync)."""
-
-    chain: str
-    target: Target
-    comment: str | None = None
-    protocol: str | None = None
-    dport: int | None = None
-    dst: str | None = None
-    not_dst: str | None = None
-    not_in_interface: str | None = None
-    physdev_not_in: bool = False
-    addrtype_local: bool = False
-    ctstate_not_dnat: bool = False
-    state_new: bool = False
-    #: `-m multiport --dports`: up to 15 ports, a range `a:b` counting as two.
-    dports: str | None = None
-
-    def args(self, *, quoted: bool = False) -> list[str]:
-        """The rule as iptables arguments (without `-A CHAIN`), in kube-proxy's order;
-        `quoted` quotes the comment for iptables-restore (the only free-text argument)."""
-        a: list[str] = []
-        if self.comment is not None:
-            a += ["-m", "comment", "--comment", _quote(self.comment) if quoted else self.comment]
-        if self.protocol is not None:
-            a += ["-p", self.protocol]
-            if self.dport is not None:
-                a += ["-m", self.protocol, "--dport", str(self.dport)]
-        if self.dports is not None:
-            a += ["-m", "multiport", "--dports", self.dports]
-        if self.dst is not None:
-            a += ["-d", self.dst]
-        if self.not_dst is not None:
-            a += ["!", "-d", self.not_dst]
-        if self.not_in_interface is not None:
-            a += ["!", "-i", self.not_in_interface]
-        if self.physdev_not_in:
-            a += ["-m", "physdev", "!", "--physdev-is-in"]
-        if self.addrtype_local:
-            a += ["-m", "addrtype", "--dst-type", "LOCAL"]
-        if self.ctstate_not_dnat:
-            a += ["-m", "conntrack", "!", "--ctstate", "DNAT"]
-        if self.state_new:
-            a += ["-m", "state", "--state", "NEW"]
-        return a + self.target.args()
-
-    @functools.cached_property
-    def line(self) -> str:
-        """`-A CHAIN args` as iptables-restore reads it (comments quoted). Computed once per
-        rule: the builder hands back the same Rule objects while a service port is unchanged."""
-        return " ".join(["-A", self.chain, *self.args(quoted=True)])
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Rule) and self.line == other.line
-
-    def __hash__(self) -> int:
-        return hash(self.line)
-
-
-def _quote(arg: str) -> str:
-    return f'"{arg}"' if " " in arg or ";" in arg or not arg else arg
-
-
-@dataclass(frozen=True)
-class Jump:
-    """A rule in a built-in chain that sends traffic into one of ours."""
-
-    table: str
-    chain: str
-    rule: Rule
-    first: bool  # inserted at the top (True) or appended (False)
 
 
 def _jump(table: str, chain: str, to: str, comment: str, *, first: bool) -> Jump:
@@ -202,24 +116,6 @@ class PortalPort:
     node_port_claimed: bool = False
 
 
-@dataclass
-class Ruleset:
-    chains: dict[str, dict[str, list[Rule]]] = field(
-        default_factory=lambda: {table: {c: [] for c in chains} for table, chains in CHAINS.items()}
-    )
-
-    def add(self, rule: Rule) -> None:
-        table = NAT if rule.chain in CHAINS[NAT] else FILTER
-        self.chains[table][rule.chain].append(rule)
-
-    def rules(self, chain: str) -> list[Rule]:
-        table = NAT if chain in CHAINS[NAT] else FILTER
-        return self.chains[table][chain]
-
-    def __len__(self) -> int:
-        return sum(len(r) for chains in self.chains.values() for r in chains.values())
-
-
 class RuleBuilder:
     """Builds the desired rule set, sync after sync, reusing the rules of every service port
     that did not change (10,000 service ports would otherwise cost ~0.7 s of Python per sync)."""
@@ -229,7 +125,7 @@ class RuleBuilder:
         self._rules: dict[PortalPort, tuple[Rule, ...]] = {}
 
     def build(self, ports: Iterable[PortalPort]) -> Ruleset:
-        ruleset = Ruleset()
+        ruleset = Ruleset.of(CHAINS)
         fresh: dict[PortalPort, tuple[Rule, ...]] = {}
         proxy_ports: dict[str, list[int]] = {}
         for entry in ports:
@@ -375,15 +271,6 @@ def _node_port_rules(
     return rules
 
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._:/-]")
-
-
-def safe_comment(text: str) -> str:
-    """Kubernetes names never need more than these characters; anything else (from a
-    hand-written manifest) is replaced so it cannot break an iptables-restore batch."""
-    return _UNSAFE.sub("_", text)[:255]
-
-
 def _container_target(config: PortalConfig, proxy_port: int) -> Target:
     if config.wildcard:
         return Target("REDIRECT", to_ports=proxy_port)
@@ -394,112 +281,12 @@ def _host_address(config: PortalConfig) -> str:
     return config.host_ip if config.wildcard else config.bind_address
 
 
-@dataclass
-class ChainChange:
-    removed: list[Rule] = field(default_factory=list)
-    added: list[Rule] = field(default_factory=list)
-
-
-def diff(old: Ruleset, new: Ruleset) -> dict[str, dict[str, ChainChange]]:
-    """Per table and chain, the rules to delete and to append to turn `old` into `new`.
-
-    Order inside our chains carries no meaning (every rule of a chain matches a different
-    destination, or they all refuse), so appending is as good as rewriting. Tables and chains
-    without a change are left out.
-    """
-    out: dict[str, dict[str, ChainChange]] = {}
-    for table, chains in new.chains.items():
-        for chain, rules in chains.items():
-            previous = old.chains[table][chain]
-            if previous == rules:
-                continue
-            before, after = Counter(previous), Counter(rules)
-            change = ChainChange(
-                list((before - after).elements()), list((after - before).elements())
-            )
-            out.setdefault(table, {})[chain] = change
-    return out
-
-
-def change_text(changes: Mapping[str, Mapping[str, ChainChange]]) -> str:
-    """An `iptables-restore --noflush` batch that applies `diff`'s changes (deletes by spec)."""
-    out: list[str] = []
-    for table in CHAINS:
-        if table not in changes:
-            continue
-        out.append(f"*{table}")
-        for change in changes[table].values():
-            out += ["-D" + r.line[2:] for r in change.removed]
-            out += [r.line for r in change.added]
-        out.append("COMMIT")
-    return "\n".join(out) + "\n" if out else ""
-
-
-@dataclass(frozen=True)
-class JumpPlan:
-    """How to bring the built-in chains' jumps into shape: delete every rule jumping to a
-    `remove` target, then add `add` in order (first-jumps are inserted at the top)."""
-
-    remove: tuple[Jump, ...] = ()
-    add: tuple[Jump, ...] = ()
-
-
 def plan_jumps(
     present: Mapping[tuple[str, str], Sequence[str]], jumps: Sequence[Jump] = JUMPS
 ) -> JumpPlan:
-    """From the jump targets found in each built-in chain, top to bottom, what to fix.
-
-    Missing jumps are added. A top jump must also sit above every top jump listed before it
-    in JUMPS (the proxy-port guard above NON-LOCAL, which would otherwise accept a direct
-    connection first): when one is missing or out of place, the later ones are re-inserted too.
-    Jumps that are present and in order are left alone, so rules other programs insert above
-    ours keep their place.
-    """
-    remove: list[Jump] = []
-    add: list[Jump] = []
-    for i, jump in enumerate(jumps):
-        targets = list(present.get((jump.table, jump.chain), ()))
-        target = jump.rule.target.name
-        if target not in targets:
-            add.append(jump)
-            continue
-        if not jump.first:
-            continue
-        earlier = [
-            j for j in jumps[:i] if j.first and (j.table, j.chain) == (jump.table, jump.chain)
-        ]
-        misplaced = any(
-            j in add or targets.index(j.rule.target.name) < targets.index(target) for j in earlier
-        )
-        if misplaced:
-            remove.append(jump)
-            add.append(jump)
-    return JumpPlan(tuple(remove), tuple(add))
+    """The portal jumps' repair plan (see `iptables.rule.plan_jumps`)."""
+    return generic.plan_jumps(present, jumps)
 
 
-def restore_text(
-    ruleset: Ruleset,
-    *,
-    delete_lines: Mapping[str, Sequence[str]] | None = None,
-    add_jumps: Sequence[Jump] = (),
-) -> str:
-    """An `iptables-restore --noflush` batch that makes our chains exactly `ruleset`.
-
-    Declaring a chain (`:NAME - [0:0]`) flushes it (creating it if needed); chains we do not
-    declare, including the built-in ones and everyone else's, are left alone. `delete_lines`
-    are per table `-A ...` lines as iptables-save printed them (jumps to re-place); they are
-    deleted by their exact spec. Each table is applied whole or not at all.
-    """
-    out: list[str] = []
-    for table, chains in ruleset.chains.items():
-        out.append(f"*{table}")
-        out += [f":{chain} - [0:0]" for chain in chains]
-        out += ["-D" + line[2:] for line in (delete_lines or {}).get(table, ())]
-        for rules in chains.values():
-            out += [r.line for r in rules]
-        for jump in add_jumps:
-            if jump.table == table:
-                verb = f"-I {jump.chain} 1" if jump.first else f"-A {jump.chain}"
-                out.append(jump.rule.line.replace(f"-A {jump.chain}", verb, 1))
-        out.append("COMMIT")
-    return "\n".join(out) + "\n"
+#: A batch that makes the portal chains exactly a ruleset (see `iptables.text.flush_text`).
+restore_text = flush_text

@@ -16,7 +16,7 @@ import structlog
 
 from userproxy import convert
 from userproxy.changes import ServiceKey
-from userproxy.proxier import SourceSink
+from userproxy.sources.handlers import SourceSink
 
 log = structlog.get_logger("userproxy.objects")
 

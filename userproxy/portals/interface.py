@@ -1,0 +1,34 @@
+"""The contract between the userspace proxier and its portals (pure: model types only)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from userproxy.model import ServicePort, ServicePortName
+
+
+@dataclass(frozen=True)
+class ActivePort:
+    """A served service port as the portal rules need it."""
+
+    port: ServicePort
+    proxy_port: int
+    has_endpoints: bool
+
+
+class Portals(Protocol):
+    """What sends service traffic to the proxy ports (kernel rules, NodePort claims)."""
+
+    async def sync(self, active: Sequence[ActivePort]) -> None:
+        """Make the portals match the served ports; called after every proxier sync."""
+        ...
+
+    async def port_removed(self, port: ServicePort) -> None: ...
+
+    def node_port_errors(self) -> dict[ServicePortName, str]:
+        """Why a service port's NodePort is not served (a clash), per service port."""
+        ...
+
+    async def close(self) -> None: ...
