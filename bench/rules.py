@@ -30,8 +30,8 @@ from userproxy.iptables.chains import ChainSync
 from userproxy.iptables.exec import ExecIptables
 from userproxy.iptables.iptc import IptcIptables
 from userproxy.model import ServicePort, ServicePortName
-from userproxy.portals import backends
-from userproxy.portals.rules import PortalConfig, PortalPort, RuleBuilder, Ruleset
+from userproxy.userspace.portals import backends
+from userproxy.userspace.portals.rules import PortalConfig, PortalPort, RuleBuilder, Ruleset
 
 CONFIG = PortalConfig(bind_address="0.0.0.0", host_ip="192.168.50.1")
 BACKENDS: dict[str, Callable[[], ChainSync]] = {

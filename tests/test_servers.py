@@ -18,8 +18,8 @@ from tests.helpers import TcpBackend, tcp_name, wait_for
 from userproxy import UserProxy
 from userproxy.model import ServicePort, ServicePortName
 from userproxy.objects import endpoint_slice, service
-from userproxy.portals.interface import ActivePort
-from userproxy.servers import Servers
+from userproxy.serving.servers import Servers
+from userproxy.userspace.portals.interface import ActivePort
 
 WEB = "default/web:http"
 

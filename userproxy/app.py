@@ -20,14 +20,14 @@ from typing import Any
 import structlog
 import yaml
 
-from userproxy.iptables_mode.proxier import KernelProxier
+from userproxy.iptables_mode.provider import KernelProxier
 from userproxy.model import ServicePortName
-from userproxy.portals.interface import ActivePort, Portals
-from userproxy.proxier import PortRuntime, Proxier
-from userproxy.proxy.stats import CountersSnapshot
 from userproxy.runner import SyncRunner
 from userproxy.settings import ProxySettings
 from userproxy.sources.router import ObjectRouter, object_key
+from userproxy.userspace.portals.interface import ActivePort, Portals
+from userproxy.userspace.proxier import PortRuntime, Proxier
+from userproxy.userspace.stats import CountersSnapshot
 
 log = structlog.get_logger("userproxy")
 

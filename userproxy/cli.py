@@ -317,8 +317,8 @@ def portal_config_from_options(options: dict[str, Any], settings: ProxySettings)
         if wanted == "auto":
             log.warning("Not root: running without portals; connect to the proxy ports.")
         return None
-    from userproxy.portals.manager import detect_host_ip
-    from userproxy.portals.rules import PortalConfig
+    from userproxy.userspace.portals.manager import detect_host_ip
+    from userproxy.userspace.portals.rules import PortalConfig
 
     cidrs = nodeport_cidrs(options["nodeport_addresses"])
     host_ip = detect_host_ip() if settings.wildcard_bind else settings.bind_address
@@ -327,8 +327,8 @@ def portal_config_from_options(options: dict[str, Any], settings: ProxySettings)
 
 def do_cleanup() -> int:
     from userproxy.iptables.interface import RulesError
-    from userproxy.iptables_mode.proxier import cleanup as cleanup_iptables_mode
-    from userproxy.portals import backends
+    from userproxy.iptables_mode.provider import cleanup as cleanup_iptables_mode
+    from userproxy.userspace.portals import backends
 
     try:
         removed = sum(
@@ -371,7 +371,7 @@ def worker(
     """A data-plane worker of `userproxy run --workers N` (started by the leader)."""
     logs.configure(verbosity=verbosity, fmt=log_format)
     raise_open_files_limit()
-    from userproxy.workers import run_worker
+    from userproxy.userspace.workers import run_worker
 
     settings = ProxySettings(
         bind_address=bind_address,
@@ -397,7 +397,7 @@ def ls(address: str, as_json: bool) -> None:
     import urllib.error
     import urllib.request
 
-    from userproxy.status import render
+    from userproxy.serving.status import render
 
     host, _, port = address.rpartition(":")
     host = "127.0.0.1" if host in ("", "0.0.0.0") else host
@@ -417,8 +417,8 @@ def ls(address: str, as_json: bool) -> None:
 @main.command()
 def rules() -> None:
     """Print the iptables rules userproxy owns (either mode), in iptables-save form."""
-    from userproxy.iptables_mode.proxier import owned_rules_text as iptables_mode_rules
-    from userproxy.portals import backends
+    from userproxy.iptables_mode.provider import owned_rules_text as iptables_mode_rules
+    from userproxy.userspace.portals import backends
 
     text = backends.owned_rules_text() + "".join(
         iptables_mode_rules(iptables) for iptables in backends.host_iptables().values()

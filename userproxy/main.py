@@ -13,18 +13,18 @@ import structlog
 from userproxy.app import UserProxy
 from userproxy.iptables.exec import ExecIptables
 from userproxy.iptables.interface import RulesError
-from userproxy.iptables_mode import proxier as iptables_mode
-from userproxy.iptables_mode.proxier import KernelProxier
+from userproxy.iptables_mode import provider as iptables_mode
+from userproxy.iptables_mode.provider import KernelProxier
 from userproxy.iptables_mode.rules import KernelConfig
-from userproxy.portals import backends
-from userproxy.portals.backends import BackendChoice
-from userproxy.portals.manager import PortalManager
-from userproxy.portals.rules import PortalConfig
-from userproxy.proxier import Proxier
-from userproxy.servers import ServerError, Servers
+from userproxy.serving.servers import ServerError, Servers
 from userproxy.settings import ProxySettings
 from userproxy.sources.manifests import ManifestError, ManifestSource
-from userproxy.workers import WorkerPool, encode_state
+from userproxy.userspace.portals import backends
+from userproxy.userspace.portals.backends import BackendChoice
+from userproxy.userspace.portals.manager import PortalManager
+from userproxy.userspace.portals.rules import PortalConfig
+from userproxy.userspace.proxier import Proxier
+from userproxy.userspace.workers import WorkerPool, encode_state
 
 log = structlog.get_logger("userproxy")
 

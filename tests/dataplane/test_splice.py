@@ -11,8 +11,8 @@ import pytest
 from tests.helpers import LOCAL, TcpBackend, send_reset, wait_for
 from userproxy import UserProxy
 from userproxy.objects import endpoint_slice, service
-from userproxy.proxy.splice import SPLICE_AFTER
-from userproxy.proxy.tcp import ClientSide
+from userproxy.userspace.splice import SPLICE_AFTER
+from userproxy.userspace.tcp import ClientSide
 
 NAME = "default/bulk:p"
 BULK = 3 * SPLICE_AFTER + 4321
@@ -170,7 +170,7 @@ async def test_without_descriptor_budget_bulk_stays_on_transports(proxy: UserPro
 
 
 async def test_spliced_relays_are_counted_until_they_close(proxy: UserProxy) -> None:
-    from userproxy.proxy.splice import SpliceRelay
+    from userproxy.userspace.splice import SpliceRelay
 
     before = SpliceRelay.active
     answer = os.urandom(BULK)

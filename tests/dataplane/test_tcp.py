@@ -271,7 +271,7 @@ async def test_finished_relays_are_freed_without_the_cycle_collector(proxy: User
     at high connection rates."""
     import gc
 
-    from userproxy.proxy import tcp
+    from userproxy.userspace import tcp
 
     backend = await TcpBackend("b").start()
     port = await serve(proxy, backend.port)

@@ -17,8 +17,8 @@ from userproxy.iptables.interface import RulesError, Variant
 from userproxy.iptables.iptc import IptcIptables
 from userproxy.iptables.text import owned_lines
 from userproxy.model import Protocol, ServicePort, ServicePortName
-from userproxy.portals import backends
-from userproxy.portals.rules import (
+from userproxy.userspace.portals import backends
+from userproxy.userspace.portals.rules import (
     CHAINS,
     OWNED_CHAINS,
     PortalConfig,

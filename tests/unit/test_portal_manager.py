@@ -8,11 +8,11 @@ import pytest
 from userproxy.iptables.interface import RulesError
 from userproxy.iptables.rule import Rule, Target
 from userproxy.model import Protocol, ServicePort, ServicePortName
-from userproxy.portals import backends
-from userproxy.portals.interface import ActivePort
-from userproxy.portals.manager import PortalManager
-from userproxy.portals.rules import PortalConfig
 from userproxy.testing.fakes import FakeClaimer, FakeConntrack, FakeIptables
+from userproxy.userspace.portals import backends
+from userproxy.userspace.portals.interface import ActivePort
+from userproxy.userspace.portals.manager import PortalManager
+from userproxy.userspace.portals.rules import PortalConfig
 
 CONFIG = PortalConfig(bind_address="0.0.0.0", host_ip="10.0.0.5")
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from userproxy.model import Protocol, ServicePort, ServicePortName
-from userproxy.portals.rules import (
+from userproxy.userspace.portals.rules import (
     JUMPS,
     Jump,
     JumpPlan,

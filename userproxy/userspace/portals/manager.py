@@ -21,13 +21,13 @@ from userproxy.iptables.interface import RulesError
 from userproxy.iptables.rule import Ruleset
 from userproxy.iptables.writer import RuleWriter
 from userproxy.model import Protocol, ServicePort, ServicePortName
-from userproxy.portals import backends
-from userproxy.portals.claims import NodePortClaimer, SocketClaimer
-from userproxy.portals.conntrack import Conntrack, ExecConntrack
-from userproxy.portals.interface import ActivePort
-from userproxy.portals.rules import PortalConfig, PortalPort, RuleBuilder
+from userproxy.userspace.portals import backends
+from userproxy.userspace.portals.claims import NodePortClaimer, SocketClaimer
+from userproxy.userspace.portals.conntrack import Conntrack, ExecConntrack
+from userproxy.userspace.portals.interface import ActivePort
+from userproxy.userspace.portals.rules import PortalConfig, PortalPort, RuleBuilder
 
-log = structlog.get_logger("userproxy.portals")
+log = structlog.get_logger("userproxy.userspace.portals")
 
 ClaimKey = tuple[Protocol, int]
 

@@ -11,7 +11,7 @@ import structlog
 
 from userproxy.model import ServicePort
 
-log = structlog.get_logger("userproxy.portals")
+log = structlog.get_logger("userproxy.userspace.portals")
 
 
 class Conntrack(Protocol):

@@ -15,10 +15,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from userproxy.iptables_mode.proxier import KernelProxier
+from userproxy.iptables_mode.provider import KernelProxier
 from userproxy.model import Protocol
-from userproxy.proxy.stats import CountersSnapshot, snapshot
-from userproxy.workers import Counters
+from userproxy.userspace.stats import CountersSnapshot, snapshot
+from userproxy.userspace.workers import Counters
 
 if TYPE_CHECKING:
     from userproxy.app import UserProxy

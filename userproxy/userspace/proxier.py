@@ -23,15 +23,15 @@ from userproxy.balancer import RoundRobinBalancer
 from userproxy.changes import EndpointsCache, ServiceChangeTracker, ServiceKey, names_of
 from userproxy.convert import EndpointsResult
 from userproxy.model import Endpoint, Family, Protocol, ServicePort, ServicePortName
-from userproxy.portals.interface import ActivePort, Portals
 from userproxy.ports import PortAllocator, PortsExhausted, make_allocator
-from userproxy.proxy.stats import PortStats
-from userproxy.proxy.tcp import ClientSide, TcpProxy, abort_all
-from userproxy.proxy.udp import UdpProxy
 from userproxy.settings import ProxySettings
-from userproxy.workers import steer_by_client_ip
+from userproxy.userspace.portals.interface import ActivePort, Portals
+from userproxy.userspace.stats import PortStats
+from userproxy.userspace.tcp import ClientSide, TcpProxy, abort_all
+from userproxy.userspace.udp import UdpProxy
+from userproxy.userspace.workers import steer_by_client_ip
 
-log = structlog.get_logger("userproxy.proxier")
+log = structlog.get_logger("userproxy.userspace.proxier")
 
 #: How many proxy ports of the range to try when binding one fails (port taken by others).
 BIND_ATTEMPTS = 8

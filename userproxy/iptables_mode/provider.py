@@ -27,9 +27,9 @@ from userproxy.iptables.text import builtin_chain_lines, chain_names, chains_tex
 from userproxy.iptables.writer import RuleWriter
 from userproxy.iptables_mode import rules
 from userproxy.model import Endpoint, ServicePort, ServicePortName
-from userproxy.portals.interface import ActivePort
+from userproxy.serving.status import affinity_text, endpoint_row
 from userproxy.settings import ProxySettings
-from userproxy.status import affinity_text, endpoint_row
+from userproxy.userspace.portals.interface import ActivePort
 
 log = structlog.get_logger("userproxy.iptables_mode")
 

@@ -21,13 +21,13 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from userproxy import health, status
 from userproxy.app import UserProxy
-from userproxy.iptables_mode.proxier import KernelProxier
-from userproxy.metrics import Metrics
-from userproxy.workers import Counters
+from userproxy.iptables_mode.provider import KernelProxier
+from userproxy.serving import health, status
+from userproxy.serving.metrics import Metrics
+from userproxy.userspace.workers import Counters
 
-log = structlog.get_logger("userproxy.servers")
+log = structlog.get_logger("userproxy.serving.servers")
 
 
 class ServerError(RuntimeError):

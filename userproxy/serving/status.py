@@ -14,8 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 from userproxy.model import Family, ServicePort, ServicePortName
-from userproxy.proxier import Proxier
-from userproxy.proxy.stats import CountersSnapshot, snapshot
+from userproxy.userspace.proxier import Proxier
+from userproxy.userspace.stats import CountersSnapshot, snapshot
 
 Status = dict[str, Any]
 

@@ -33,14 +33,14 @@ import structlog
 
 from userproxy.balancer import BalancerError, RoundRobinBalancer
 from userproxy.model import Family, ServicePortName
-from userproxy.proxy.splice import (
+from userproxy.userspace.splice import (
     SPLICE_AFTER,
     SpliceRelay,
     descriptor_budget,
     splice_supported,
     take_socket,
 )
-from userproxy.proxy.stats import EndpointCounters, PortStats
+from userproxy.userspace.stats import EndpointCounters, PortStats
 
 log = structlog.get_logger("userproxy.tcp")
 

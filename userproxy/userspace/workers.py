@@ -29,9 +29,9 @@ from typing import Any
 import structlog
 
 from userproxy.model import Affinity, Endpoint, Protocol, ServicePort, ServicePortName
-from userproxy.proxy.stats import CountersSnapshot, snapshot
+from userproxy.userspace.stats import CountersSnapshot, snapshot
 
-log = structlog.get_logger("userproxy.workers")
+log = structlog.get_logger("userproxy.userspace.workers")
 
 SO_ATTACH_REUSEPORT_CBPF = 51
 SKF_NET_OFF = -0x100000
@@ -184,7 +184,7 @@ class WorkerPool:
 # ----------------------------------------------------------------------------- worker side
 async def run_worker(channel_fd: int, settings: Any) -> int:
     """A worker: follow the leader's snapshots with listeners and balancers of its own."""
-    from userproxy.proxier import Proxier
+    from userproxy.userspace.proxier import Proxier
 
     proxier = Proxier(settings=settings)
     sock = socket.socket(fileno=channel_fd)

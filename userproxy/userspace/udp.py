@@ -35,7 +35,7 @@ import structlog
 
 from userproxy.balancer import BalancerError, RoundRobinBalancer
 from userproxy.model import Endpoint, Family, ServicePortName
-from userproxy.proxy.stats import EndpointCounters, PortStats
+from userproxy.userspace.stats import EndpointCounters, PortStats
 
 log = structlog.get_logger("userproxy.udp")
 

@@ -21,7 +21,7 @@ from userproxy.iptables.detect import detect_variant
 from userproxy.iptables.exec import ExecIptables
 from userproxy.iptables.interface import VARIANTS, Iptables, Variant
 from userproxy.iptables.iptc import IptcIptables
-from userproxy.portals.rules import CHAINS, JUMPS, OWNED_CHAINS
+from userproxy.userspace.portals.rules import CHAINS, JUMPS, OWNED_CHAINS
 
 log = structlog.get_logger("userproxy.iptables")
 
