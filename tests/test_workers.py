@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import TcpBackend, udp_echo
 from userproxy.objects import endpoint_slice, service
-from userproxy.userspace.workers import decode_state, encode_state
+from userproxy.userspace.wire import decode_state, encode_state
 
 CLIENT_IPS = [f"127.0.0.{i}" for i in range(1, 9)]
 

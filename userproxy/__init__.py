@@ -1,7 +1,14 @@
 """userproxy: a userspace TCP/UDP load-balancing proxy for Kubernetes Services."""
 
 from userproxy.app import UnknownServicePort, UserProxy
-from userproxy.settings import ProxySettings, SettingsError
+from userproxy.settings import ProxySettings, Settings, SettingsError
 
 __version__ = "0.1.0"
-__all__ = ["ProxySettings", "SettingsError", "UnknownServicePort", "UserProxy", "__version__"]
+__all__ = [
+    "ProxySettings",
+    "Settings",
+    "SettingsError",
+    "UnknownServicePort",
+    "UserProxy",
+    "__version__",
+]

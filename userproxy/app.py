@@ -7,12 +7,14 @@
 Objects are plain Kubernetes dicts (or YAML text). `apply` and `delete` sync at once, so the
 proxy ports are ready when they return; sources that stream changes (files, the API) go through
 the bounded-frequency runner instead.
+
+It wires one `Provider` (the userspace proxier unless another is given) to the object router
+and the sync runner, and reads everything it reports from the provider's `status()`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
@@ -20,14 +22,14 @@ from typing import Any
 import structlog
 import yaml
 
-from userproxy.iptables_mode.provider import KernelProxier
+from userproxy import tasks
 from userproxy.model import ServicePortName
+from userproxy.provider import CountersSnapshot, Provider, ProxyStatus, ServicePortStatus
 from userproxy.runner import SyncRunner
-from userproxy.settings import ProxySettings
+from userproxy.settings import Settings
 from userproxy.sources.router import ObjectRouter, object_key
-from userproxy.userspace.portals.interface import ActivePort, Portals
-from userproxy.userspace.proxier import PortRuntime, Proxier
-from userproxy.userspace.stats import CountersSnapshot
+from userproxy.userspace.portals.interface import Portals
+from userproxy.userspace.proxier import Proxier
 
 log = structlog.get_logger("userproxy")
 
@@ -39,43 +41,46 @@ class UnknownServicePort(KeyError):
 class UserProxy:
     def __init__(
         self,
-        settings: ProxySettings | None = None,
+        settings: Settings | None = None,
         *,
         portals: Portals | None = None,
         proxy_name: str | None = None,
-        proxier: Proxier | KernelProxier | None = None,
+        provider: Provider | None = None,
     ) -> None:
-        self.settings = settings or ProxySettings()
-        self.portals = portals
-        #: The userspace proxier, or the iptables mode's (given by the caller).
-        self.proxier = proxier or Proxier(settings=self.settings, portals=portals)
-        self.router = ObjectRouter(self.proxier, proxy_name=proxy_name)
+        self.settings = settings or Settings()
+        #: The proxy mode serving the traffic: the userspace proxier (with `portals`, when
+        #: given) unless the caller built another.
+        self.provider: Provider = provider or Proxier(settings=self.settings, portals=portals)
+        self.router = ObjectRouter(self.provider, proxy_name=proxy_name)
         self.runner = SyncRunner(
-            self.proxier.sync,
+            self.provider.sync,
             min_interval=self.settings.min_sync_period,
             max_interval=self.settings.sync_period,
         )
-        self.proxier.request_sync = self.runner.request
-        self._task: asyncio.Task[None] | None = None
+        self.provider.request_sync = self.runner.request
+        #: The background sync loop, once started.
+        self.sync_task: asyncio.Task[None] | None = None
+        self._started = False
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        """Run the first sync, then keep syncing in the background."""
+        """Start the provider, run the first sync, then keep syncing in the background."""
+        self._started = True
+        await self.provider.start()
         await self.runner.run_once()
-        self._task = asyncio.get_running_loop().create_task(
-            self.runner.run_forever(), name="userproxy-sync"
-        )
+        self.sync_task = tasks.guarded(self.runner.run_forever(), name="sync")
 
     async def stop(self) -> None:
-        """Stop syncing and close every listener and connection."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        if self.portals is not None:
-            await self.portals.close()
-        await self.proxier.shutdown()
+        """Stop syncing and close every listener and connection (and the portals)."""
+        if self.sync_task is not None:
+            await tasks.stop_all([self.sync_task])
+            self.sync_task = None
+        await self.provider.close()
+
+    async def close_unstarted(self) -> None:
+        """Let go of what the provider holds when `start()` was never called."""
+        if not self._started:
+            await self.provider.close()
 
     async def __aenter__(self) -> UserProxy:
         await self.start()
@@ -107,22 +112,34 @@ class UserProxy:
         await self.runner.run_once()
 
     # ------------------------------------------------------------------ reading state
-    def service_ports(self) -> list[ActivePort]:
-        return self.proxier.active_ports()
+    def status(self) -> ProxyStatus:
+        """What is served now, with every counter this process and its workers keep."""
+        return self.provider.status()
 
-    def _runtime(self, name: str | ServicePortName) -> PortRuntime:
-        for spn, runtime in self.proxier.runtimes.items():
-            if spn == name or str(spn) == name:
-                return runtime
-        raise UnknownServicePort(f"{name} is not being served")
+    async def read_status(self) -> ProxyStatus:
+        """`status()` with counters kept outside the process (the kernel's) read first."""
+        await self.provider.read_counters()
+        return self.provider.status()
+
+    def service_ports(self) -> list[ServicePortStatus]:
+        return list(self.status().service_ports)
+
+    def _port(self, name: str | ServicePortName) -> ServicePortStatus:
+        found = self.status().find(name)
+        if found is None:
+            raise UnknownServicePort(f"{name} is not being served")
+        return found
 
     def proxy_port(self, name: str | ServicePortName) -> int:
         """The local port serving `namespace/name:port` (or `namespace/name` if unnamed)."""
-        return self._runtime(name).proxy_port
+        port = self._port(name).proxy_port
+        if port is None:
+            raise UnknownServicePort(f"{name} is served by the kernel, not on a proxy port")
+        return port
 
     def counters(self, name: str | ServicePortName) -> CountersSnapshot:
         """Totals over the service port's endpoints (connections or UDP flows, bytes, ...)."""
-        return self._runtime(name).stats.totals()
+        return self._port(name).totals()
 
     def endpoint_counters(self, name: str | ServicePortName) -> dict[str, CountersSnapshot]:
-        return {str(ep): c for ep, c in self._runtime(name).stats.per_endpoint().items()}
+        return {str(e.endpoint): e.counters for e in self._port(name).endpoints if e.counters}

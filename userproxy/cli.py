@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 import signal
@@ -17,10 +16,10 @@ import click
 import structlog
 import uvloop
 
-from userproxy import __version__, config, logs
+from userproxy import __version__, config, logs, modes
+from userproxy import settings as settings_module
 from userproxy.durations import parse_duration
-from userproxy.ports import parse_port_range
-from userproxy.settings import ProxySettings, SettingsError, default_node_name
+from userproxy.settings import SettingsError
 
 log = structlog.get_logger("userproxy.cli")
 
@@ -113,7 +112,7 @@ def main() -> None:
 )
 @click.option(
     "--proxy-mode",
-    type=click.Choice(["userspace", "iptables"]),
+    type=click.Choice(list(modes.MODES)),
     default="userspace",
     show_default=True,
     help="userspace: listeners relay the traffic; iptables: kernel rules only (root).",
@@ -218,48 +217,27 @@ def run(ctx: click.Context, /, **options: Any) -> None:
     raise_open_files_limit()
     try:
         options = merge_config_file(ctx, options)
-        if options["write_config_to"] is not None:
-            options["write_config_to"].write_text(config.dump(effective_config(options)))
-            log.info("Wrote the configuration.", path=str(options["write_config_to"]))
-            sys.exit(0)
-        settings = settings_from_options(options)
-        portal_config = portal_config_from_options(options, settings)
+        settings = settings_module.from_options(options)
     except (SettingsError, ValueError, OSError) as err:
         raise click.UsageError(str(err)) from None
-    from userproxy.main import RunOptions, serve_kubernetes, serve_manifests
+    from userproxy.main import configz, serve
 
-    run_options = RunOptions(
-        worker_args=(
-            "--log-format",
-            options["log_format"],
-            *(["-" + "v" * options["verbosity"]] if options["verbosity"] else []),
-        ),
-        masquerade_all=options["masquerade_all"],
-        proxy_name=options["service_proxy_name"],
-        portal_config=portal_config,
-        iptables_backend=options["iptables_backend"],
-        healthz_address=options["healthz_bind_address"],
-        metrics_address=options["metrics_bind_address"],
-        bind_address_hard_fail=options["bind_address_hard_fail"],
-        configz=effective_config(options),
-    )
-    if options["manifests"] is not None:
-        sys.exit(run_async(serve_manifests(settings, options["manifests"], run_options)))
+    if options["write_config_to"] is not None:
+        options["write_config_to"].write_text(config.dump(configz(settings)))
+        log.info("Wrote the configuration.", path=str(options["write_config_to"]))
+        sys.exit(0)
+    connection = settings.client_connection
     if not (
-        options["kubeconfig"] or options["master"] or os.environ.get("KUBERNETES_SERVICE_HOST")
+        settings.sources.manifests
+        or connection.kubeconfig
+        or connection.master
+        or os.environ.get("KUBERNETES_SERVICE_HOST")
     ):
         raise click.UsageError(
             "give --manifests PATH, --kubeconfig FILE or --master URL "
             "(or run in a pod, with the in-cluster service account)"
         )
-    job = serve_kubernetes(
-        settings,
-        run_options,
-        kubeconfig=options["kubeconfig"] or None,
-        master=options["master"] or None,
-        use_endpoints=options["use_endpoints"],
-    )
-    sys.exit(run_async(job))
+    sys.exit(run_async(serve(settings)))
 
 
 def raise_open_files_limit() -> None:
@@ -289,52 +267,12 @@ def merge_config_file(ctx: click.Context, options: dict[str, Any]) -> dict[str, 
     return merged
 
 
-def effective_config(options: dict[str, Any]) -> dict[str, Any]:
-    """The options a KubeProxyConfiguration carries, in option form (see config.USED)."""
-    wanted = {option for option, _ in config.USED.values()}
-    out = {k: v for k, v in options.items() if k in wanted}
-    out["nodeport_addresses"] = nodeport_cidrs(options["nodeport_addresses"])
-    return out
-
-
-def nodeport_cidrs(values: Any) -> tuple[str, ...]:
-    return tuple(
-        str(ipaddress.ip_network(cidr.strip(), strict=False))
-        for value in values or ()
-        for cidr in value.split(",")
-        if cidr.strip()
-    )
-
-
-def portal_config_from_options(options: dict[str, Any], settings: ProxySettings) -> Any:
-    """The portal settings, or None when portals are off."""
-    wanted = options["portals"]
-    if settings.mode == "iptables":
-        if os.geteuid() != 0:
-            raise SettingsError("proxy-mode iptables writes kernel rules: run it as root")
-        wanted = "on"  # the mode is its rules; --portals does not apply
-    if wanted == "off" or (wanted == "auto" and os.geteuid() != 0):
-        if wanted == "auto":
-            log.warning("Not root: running without portals; connect to the proxy ports.")
-        return None
-    from userproxy.userspace.portals.manager import detect_host_ip
-    from userproxy.userspace.portals.rules import PortalConfig
-
-    cidrs = nodeport_cidrs(options["nodeport_addresses"])
-    host_ip = detect_host_ip() if settings.wildcard_bind else settings.bind_address
-    return PortalConfig(bind_address=settings.bind_address, host_ip=host_ip, nodeport_cidrs=cidrs)
-
-
 def do_cleanup() -> int:
+    from userproxy import modes
     from userproxy.iptables.interface import RulesError
-    from userproxy.iptables_mode.provider import cleanup as cleanup_iptables_mode
-    from userproxy.userspace.portals import backends
 
     try:
-        removed = sum(
-            backends.cleanup(iptables) + cleanup_iptables_mode(iptables)
-            for iptables in backends.host_iptables().values()
-        )
+        removed = modes.remove_rules()
     except RulesError as err:
         log.error("Cleanup failed.", reason=str(err))
         return 1
@@ -354,32 +292,13 @@ def cleanup_command(verbosity: int, log_format: Any) -> None:
 
 @main.command("_worker", hidden=True)
 @click.option("--channel-fd", type=int, required=True)
-@click.option("--bind-address", required=True)
-@click.option("--udp-timeout", type=DURATION, required=True)
-@click.option("--workers", type=int, required=True)
-@click.option("--allow-loopback", is_flag=True)
-@common_logging
-def worker(
-    channel_fd: int,
-    bind_address: str,
-    udp_timeout: float,
-    workers: int,
-    allow_loopback: bool,
-    verbosity: int,
-    log_format: Any,
-) -> None:
-    """A data-plane worker of `userproxy run --workers N` (started by the leader)."""
-    logs.configure(verbosity=verbosity, fmt=log_format)
+def worker(channel_fd: int) -> None:
+    """A data-plane worker of `userproxy run --workers N` (started by the leader, which sends
+    it the settings over the channel)."""
     raise_open_files_limit()
     from userproxy.userspace.workers import run_worker
 
-    settings = ProxySettings(
-        bind_address=bind_address,
-        udp_idle_timeout=udp_timeout,
-        workers=workers,
-        allow_loopback_bind=allow_loopback,
-    )
-    sys.exit(run_async(run_worker(channel_fd, settings)))
+    sys.exit(run_async(run_worker(channel_fd)))
 
 
 @main.command("ls")
@@ -417,26 +336,9 @@ def ls(address: str, as_json: bool) -> None:
 @main.command()
 def rules() -> None:
     """Print the iptables rules userproxy owns (either mode), in iptables-save form."""
-    from userproxy.iptables_mode.provider import owned_rules_text as iptables_mode_rules
-    from userproxy.userspace.portals import backends
+    from userproxy import modes
 
-    text = backends.owned_rules_text() + "".join(
-        iptables_mode_rules(iptables) for iptables in backends.host_iptables().values()
-    )
-    click.echo(text, nl=False)
-
-
-def settings_from_options(options: dict[str, Any]) -> ProxySettings:
-    return ProxySettings(
-        bind_address=options["bind_address"],
-        port_range=parse_port_range(options["proxy_port_range"]),
-        udp_idle_timeout=options["udp_timeout"],
-        sync_period=options["iptables_sync_period"],
-        min_sync_period=options["iptables_min_sync_period"],
-        node_name=(options["hostname_override"] or default_node_name()).lower(),
-        mode=options.get("proxy_mode") or "userspace",
-        workers=options.get("workers") or 1,
-    )
+    click.echo(modes.owned_rules_text(), nl=False)
 
 
 @main.command()

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from userproxy.durations import format_duration, parse_duration
+from userproxy.modes import MODES
 
 API_VERSION = "kubeproxy.config.k8s.io/v1alpha1"
 KIND = "KubeProxyConfiguration"
@@ -45,8 +46,8 @@ def _bool(field: str, value: Any) -> bool:
 
 def _mode(field: str, value: Any) -> str:
     mode = _string(field, value)
-    if mode not in ("", "userspace", "iptables"):
-        raise ConfigError(f"{field}: {mode!r} is not supported (userspace, iptables)")
+    if mode and mode not in MODES:
+        raise ConfigError(f"{field}: {mode!r} is not supported ({', '.join(MODES)})")
     return mode or "userspace"
 
 

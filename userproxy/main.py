@@ -1,217 +1,139 @@
-"""The long-running jobs behind `userproxy run`, as coroutines the CLI (or a test) can run."""
+"""The composition root of `userproxy run`: settings in, a serving proxy out, until cancelled.
+
+serve(settings)  picks the source (manifest files or the API server), builds the provider
+                 of the mode (`userproxy.modes`), the health and metrics servers, and runs
+                 the long-lived tasks (the source's watch, the sync loop) under
+                 `tasks.first_exit`: if one of them ends, the process stops cleanly with a
+                 non-zero exit instead of running half-alive.
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import structlog
 
+from userproxy import modes, tasks
 from userproxy.app import UserProxy
-from userproxy.iptables.exec import ExecIptables
-from userproxy.iptables.interface import RulesError
-from userproxy.iptables_mode import provider as iptables_mode
-from userproxy.iptables_mode.provider import KernelProxier
-from userproxy.iptables_mode.rules import KernelConfig
+from userproxy.provider import StartupError
 from userproxy.serving.servers import ServerError, Servers
-from userproxy.settings import ProxySettings
+from userproxy.settings import Settings, to_options
 from userproxy.sources.manifests import ManifestError, ManifestSource
-from userproxy.userspace.portals import backends
-from userproxy.userspace.portals.backends import BackendChoice
-from userproxy.userspace.portals.manager import PortalManager
-from userproxy.userspace.portals.rules import PortalConfig
-from userproxy.userspace.proxier import Proxier
-from userproxy.userspace.workers import WorkerPool, encode_state
 
 log = structlog.get_logger("userproxy")
 
-
-@dataclass(frozen=True)
-class RunOptions:
-    """What `userproxy run` needs besides the proxy settings."""
-
-    proxy_name: str | None = None
-    portal_config: PortalConfig | None = None
-    masquerade_all: bool = False
-    #: Extra `userproxy _worker` arguments (logging) for --workers.
-    worker_args: tuple[str, ...] = ()
-    iptables_backend: BackendChoice = "auto"
-    healthz_address: str = "0.0.0.0:10256"
-    metrics_address: str = "127.0.0.1:10249"
-    bind_address_hard_fail: bool = False
-    configz: Mapping[str, Any] = field(default_factory=dict)
-
-
-class StartupError(Exception):
-    pass
-
-
-def make_portals(
-    config: PortalConfig, choice: BackendChoice, full_sync_period: float = 30.0
-) -> PortalManager:
-    """A portal manager on the chosen backend, after clearing what the other variant may hold
-    from an earlier run (rules of both variants would both be evaluated by the kernel), and
-    what an earlier run in iptables mode left (a mode switch leaves nothing behind)."""
-    iptables = backends.portal_iptables(choice)
-    for variant, host in backends.host_iptables().items():
-        if variant != iptables.variant:
-            backends.cleanup(host)
-        iptables_mode.cleanup(host)
-    return PortalManager(
-        chains=backends.portal_sync(iptables), config=config, full_sync_period=full_sync_period
-    )
-
-
-def make_kernel_proxier(settings: ProxySettings, run: RunOptions) -> KernelProxier:
-    """iptables mode on the host's iptables variant, after removing the userspace mode's
-    portals and any iptables-mode rules in the other variant."""
-    variant = backends.choose_variant(run.iptables_backend)
-    writer = iptables_mode.KernelRuleWriter(ExecIptables(variant))
-    for other, host in backends.host_iptables().items():
-        backends.cleanup(host)  # the userspace mode's portals
-        if other != variant:
-            iptables_mode.cleanup(host)
-    log.info("Running in iptables mode.", backend=writer.iptables.name)
-    if _sysctl("net/ipv4/ip_forward") == "0":
-        log.warning(
-            "net.ipv4.ip_forward is 0: the kernel will drop service traffic it DNATs to "
-            "other hosts or pods; a Kubernetes node needs it set to 1."
-        )
-    config = KernelConfig(masquerade_all=run.masquerade_all)
-    return KernelProxier(settings=settings, writer=writer, config=config)
-
-
-def worker_arguments(settings: ProxySettings, run: RunOptions) -> list[str]:
-    return [
-        "--bind-address", settings.bind_address,
-        "--udp-timeout", f"{settings.udp_idle_timeout}s",
-        "--workers", str(settings.workers),
-        *(["--allow-loopback"] if settings.allow_loopback_bind else []),
-        *run.worker_args,
-    ]  # fmt: skip
-
-
-def _sysctl(name: str) -> str:
-    try:
-        return Path(f"/proc/sys/{name}").read_text().strip()
-    except OSError:
-        return ""
+#: Exit codes: 1 cannot start or a long-lived task failed, 2 bad input (manifests, kubeconfig).
+EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 
 
 @contextlib.asynccontextmanager
-async def prepared(settings: ProxySettings, run: RunOptions) -> AsyncIterator[UserProxy]:
-    """A proxy with its portals and its health and metrics servers, not yet started."""
-    portals = None
-    proxier = None
-    try:
-        if settings.mode == "iptables":
-            proxier = make_kernel_proxier(settings, run)
-        elif run.portal_config is not None:
-            portals = make_portals(run.portal_config, run.iptables_backend, settings.sync_period)
-    except RulesError as err:
-        raise StartupError(
-            f"cannot program iptables ({err}); run as root, or with --portals off"
-        ) from err
-    proxy = UserProxy(settings, proxy_name=run.proxy_name, portals=portals, proxier=proxier)
-    pool = None
-    if settings.workers > 1 and isinstance(proxy.proxier, Proxier):
-        pool = WorkerPool(settings.workers, worker_arguments(settings, run))
-        data_plane = proxy.proxier.data_plane
-        pool.state = lambda: encode_state(data_plane())
-        proxy.proxier.on_data_plane_change = pool.publish
-        await pool.start()
+async def prepared(settings: Settings) -> AsyncIterator[UserProxy]:
+    """A proxy with its provider and its health and metrics servers, not yet started."""
+    proxy = UserProxy(
+        settings,
+        proxy_name=settings.sources.service_proxy_name,
+        provider=modes.make_provider(settings),
+    )
     servers = Servers(
         proxy,
-        healthz_address=run.healthz_address,
-        metrics_address=run.metrics_address,
-        configz=run.configz,
-        worker_counters=pool.extra_counters if pool is not None else dict,
+        healthz_address=settings.healthz_bind_address,
+        metrics_address=settings.metrics_bind_address,
+        configz=configz(settings),
     )
     try:
         await servers.start()
     except ServerError as err:
-        if run.bind_address_hard_fail:
+        if settings.bind_address_hard_fail:
             await servers.stop()
-            if pool is not None:
-                await pool.stop()
+            await proxy.close_unstarted()
             raise StartupError(str(err)) from err
         log.error("Continuing without the server.", reason=str(err))
     try:
         yield proxy
     finally:
         await servers.stop()
-        if pool is not None:
-            await pool.stop()
-        if proxy.runner.sync_count == 0:  # never started: UserProxy.stop() will not run
-            if portals is not None:
-                await portals.close()
-            if proxier is not None:
-                await proxier.shutdown()
+        await proxy.close_unstarted()
 
 
-async def serve_manifests(settings: ProxySettings, path: Path, run: RunOptions) -> int:
-    """Serve the Services in `path` until cancelled, reloading when the files change."""
+def configz(settings: Settings) -> dict[str, Any]:
+    """The effective configuration, in option form, as /configz serves it."""
+    from userproxy import config
+
+    wanted = {option for option, _ in config.USED.values()}
+    return {k: v for k, v in to_options(settings).items() if k in wanted}
+
+
+async def serve(settings: Settings) -> int:
+    """Serve `settings.sources` until cancelled (exit code 0) or something fails."""
     try:
-        async with prepared(settings, run) as proxy:
-            source = ManifestSource(path, proxy.router, on_change=proxy.runner.request)
-            try:
-                source.load()
-            except ManifestError as err:
-                log.error("Cannot read the manifests.", reason=str(err))
-                return 2
-            async with proxy:
-                _log_running(proxy, manifests=str(path))
-                await source.watch()
+        if settings.sources.manifests:
+            return await serve_manifests(settings, Path(settings.sources.manifests))
+        return await serve_kubernetes(settings)
     except StartupError as err:
         log.error("Cannot start.", reason=str(err))
-        return 1
-    return 0  # pragma: no cover - watch() only ends by cancellation
+        return EXIT_FAILED
 
 
-async def serve_kubernetes(
-    settings: ProxySettings,
-    run: RunOptions,
-    *,
-    kubeconfig: str | None,
-    master: str | None,
-    use_endpoints: bool = False,
-) -> int:
-    """Follow the API server and serve its Services until cancelled."""
+async def serve_manifests(settings: Settings, path: Path) -> int:
+    """Serve the Services in `path`, reloading when the files change."""
+    async with prepared(settings) as proxy:
+        source = ManifestSource(path, proxy.router, on_change=proxy.runner.request)
+        try:
+            source.load()
+        except ManifestError as err:
+            log.error("Cannot read the manifests.", reason=str(err))
+            return EXIT_BAD_INPUT
+        return await _run(proxy, source.watch, manifests=str(path))
+
+
+async def serve_kubernetes(settings: Settings) -> int:
+    """Follow the API server and serve its Services."""
     from kubernetes_asyncio.config import ConfigException
 
     from userproxy.sources.kube import KubeSource, api_client
 
+    connection = settings.client_connection
     try:
-        api = await api_client(kubeconfig, master)
+        api = await api_client(connection.kubeconfig or None, connection.master or None)
     except (ConfigException, OSError, ValueError) as err:
-        log.error("Cannot configure the API client.", kubeconfig=kubeconfig, reason=str(err))
-        return 2
+        log.error(
+            "Cannot configure the API client.", kubeconfig=connection.kubeconfig, reason=str(err)
+        )
+        return EXIT_BAD_INPUT
     try:
-        async with prepared(settings, run) as proxy:
+        async with prepared(settings) as proxy:
             source = KubeSource(
                 api,
                 proxy.router,
                 on_change=proxy.runner.request,
-                proxy_name=run.proxy_name,
-                use_endpoints=use_endpoints,
+                proxy_name=settings.sources.service_proxy_name,
+                use_endpoints=settings.sources.use_endpoints,
             )
             # The first sync counts as queued from now: /healthz turns 503 if the API server
             # cannot be listed within twice the sync period.
             proxy.runner.request()
             log.info("Listing Services and endpoints.", server=source.server)
             await source.initial_list()
-            async with proxy:
-                _log_running(proxy, server=source.server)
-                await source.watch()
-    except StartupError as err:
-        log.error("Cannot start.", reason=str(err))
-        return 1
+            return await _run(proxy, source.watch, server=source.server)
     finally:
         await api.close()
-    return 0  # pragma: no cover - watch() only ends by cancellation
+
+
+async def _run(proxy: UserProxy, watch: Callable[[], Awaitable[None]], **source: str) -> int:
+    """Start the proxy and run the source's watch and the sync loop until one ends."""
+    async with proxy:
+        _log_running(proxy, **source)
+        assert proxy.sync_task is not None
+        ended = await tasks.first_exit({"source": watch(), "sync": proxy.sync_task})
+    log.error(
+        "A long-lived task ended; stopping.",
+        task=ended.task,
+        failed=ended.failed,
+    )
+    return EXIT_FAILED
 
 
 def _log_running(proxy: UserProxy, **source: str) -> None:

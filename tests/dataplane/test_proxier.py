@@ -244,7 +244,7 @@ async def test_proxy_port_range_is_used_and_released(backends: list[TcpBackend])
         assert proxy.proxy_port(f"{NS}/{NAME}:p") == base
         await proxy.apply(service("other", namespace=NS, cluster_ip="10.0.0.2", ports=[("p", 1)]))
         assert [str(a.port.name) for a in proxy.service_ports()] == [f"{NS}/{NAME}:p"]
-        assert "in use" in next(iter(proxy.proxier.failed.values()))
+        assert "in use" in proxy.status().failed[0][1]
         await proxy.delete("Service", NAME, namespace=NS)
         await proxy.apply(svc(("p", 80)))
         assert proxy.proxy_port(f"{NS}/{NAME}:p") == base

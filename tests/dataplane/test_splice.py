@@ -27,7 +27,7 @@ async def serve(proxy: UserProxy, port: int) -> int:
 
 
 def relays(proxy: UserProxy) -> list[ClientSide]:
-    runtime = proxy.proxier.runtimes[next(iter(proxy.proxier.runtimes))]  # type: ignore[union-attr]
+    runtime = proxy.provider.runtimes[next(iter(proxy.provider.runtimes))]  # type: ignore[union-attr]
     return list(runtime.connections)
 
 
@@ -152,7 +152,7 @@ async def test_without_descriptor_budget_bulk_stays_on_transports(proxy: UserPro
 
     backend = await TcpBackend("b").start(echo)
     port = await serve(proxy, backend.port)
-    proxy.proxier.runtimes[next(iter(proxy.proxier.runtimes))].listener.splice_budget = 0  # type: ignore[union-attr]
+    proxy.provider.runtimes[next(iter(proxy.provider.runtimes))].listener.splice_budget = 0  # type: ignore[union-attr]
     payload = os.urandom(BULK)
     reader, writer = await asyncio.open_connection(LOCAL, port)
 

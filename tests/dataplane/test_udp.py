@@ -70,7 +70,7 @@ async def test_no_endpoints_drops_and_counts(proxy: UserProxy) -> None:
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.sendto(b"lost", (LOCAL, proxy.proxy_port(NAME)))
     sock.close()
-    runtime = proxy.proxier.runtimes[next(iter(proxy.proxier.runtimes))]
+    runtime = proxy.provider.runtimes[next(iter(proxy.provider.runtimes))]
     await wait_for(lambda: runtime.stats.rejected == 1, what="rejected datagram")
 
 
@@ -113,7 +113,7 @@ def _unconnected_client() -> socket.socket:
 
 
 def _listener(proxy: UserProxy) -> Any:
-    return proxy.proxier.runtimes[next(iter(proxy.proxier.runtimes))].listener  # type: ignore[union-attr]
+    return proxy.provider.runtimes[next(iter(proxy.provider.runtimes))].listener  # type: ignore[union-attr]
 
 
 def _flows(proxy: UserProxy) -> dict[tuple[str, int], Any]:

@@ -5,8 +5,12 @@ is nothing to go on (legacy and nft rules cannot be ordered against each other).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Literal
 
-from userproxy.iptables.interface import Iptables, Variant
+from userproxy.iptables.exec import ExecIptables
+from userproxy.iptables.interface import VARIANTS, Iptables, Variant
+
+BackendChoice = Literal["auto", "legacy", "nft"]
 
 HINT_CHAINS = ("KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY")
 
@@ -25,3 +29,13 @@ def detect_variant(candidates: Mapping[Variant, Iptables]) -> Variant:
         if any(f":{hint} " in mangle for hint in HINT_CHAINS):
             return variant
     return "legacy" if rule_count(candidates["legacy"]) > rule_count(candidates["nft"]) else "nft"
+
+
+def host_iptables() -> dict[Variant, Iptables]:
+    """The host's two variants, through their binaries (for reading, detection, cleanup)."""
+    return {variant: ExecIptables(variant) for variant in VARIANTS}
+
+
+def choose_variant(choice: BackendChoice) -> Variant:
+    """`auto` follows the host; otherwise the variant asked for."""
+    return detect_variant(host_iptables()) if choice == "auto" else choice

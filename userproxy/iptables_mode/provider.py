@@ -14,7 +14,6 @@ import asyncio
 import re
 import time
 from collections.abc import Callable
-from typing import Any
 
 import structlog
 
@@ -26,10 +25,9 @@ from userproxy.iptables.rule import NAT, Ruleset, plan_jumps
 from userproxy.iptables.text import builtin_chain_lines, chain_names, chains_text, jump_targets
 from userproxy.iptables.writer import RuleWriter
 from userproxy.iptables_mode import rules
-from userproxy.model import Endpoint, ServicePort, ServicePortName
-from userproxy.serving.status import affinity_text, endpoint_row
-from userproxy.settings import ProxySettings
-from userproxy.userspace.portals.interface import ActivePort
+from userproxy.model import ServicePort, ServicePortName
+from userproxy.provider import EndpointStatus, ProxyStatus, ServicePortStatus
+from userproxy.settings import Settings
 
 log = structlog.get_logger("userproxy.iptables_mode")
 
@@ -91,13 +89,15 @@ def owned_rules_text(iptables: Iptables) -> str:
     return "" if texts is None else owned_text(iptables, texts, rules.owned, " (iptables mode)")
 
 
-class KernelProxier:
-    """The proxier of iptables mode, with the interface sources and UserProxy use."""
+class IptablesProvider:
+    """`--proxy-mode iptables`: sources' changes become kernel rules at each sync."""
+
+    mode = "iptables"
 
     def __init__(
         self,
         *,
-        settings: ProxySettings,
+        settings: Settings,
         writer: KernelRuleWriter,
         config: rules.KernelConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -105,16 +105,15 @@ class KernelProxier:
         self.settings = settings
         self.writer = writer
         self.config = config or rules.KernelConfig()
-        self.clock = clock
         self.tracker = ServiceChangeTracker()
         self.endpoints = EndpointsCache()
         self.ports: dict[ServicePortName, ServicePort] = {}
-        self.runtimes: dict[ServicePortName, Any] = {}  # no listeners in this mode
-        self.failed: dict[ServicePortName, str] = {}
         self.request_sync: Callable[[], None] = lambda: None
         self.last_ruleset: Ruleset | None = None
         self._lock = asyncio.Lock()
-        self._writer = RuleWriter(full_sync_period=settings.sync_period, clock=clock)
+        self._thread = RuleWriter(full_sync_period=settings.sync_period, clock=clock)
+        #: Connections through each KUBE-SEP chain, as last read (`read_counters`).
+        self._kernel_counts: dict[str, int] = {}
 
     # ------------------------------------------------------------------ source handlers
     def on_service(self, key: ServiceKey, ports: tuple[ServicePort, ...] | None) -> None:
@@ -130,6 +129,9 @@ class KernelProxier:
         self.request_sync()
 
     # ------------------------------------------------------------------ sync
+    async def start(self) -> None:
+        """Nothing to start: the kernel carries the traffic."""
+
     def backed(self) -> list[rules.Backed]:
         out = []
         for name, port in sorted(self.ports.items()):
@@ -144,43 +146,34 @@ class KernelProxier:
                     self.ports.pop(name, None)
                 self.ports.update(names_of(current))
             ruleset = rules.build(self.backed(), self.config)
-            await self._writer.write(lambda full: self.writer.apply(ruleset, full=full))
+            await self._thread.write(lambda full: self.writer.apply(ruleset, full=full))
             self.last_ruleset = ruleset
 
-    # ------------------------------------------------------------------ queries
-    def active_ports(self) -> list[ActivePort]:
-        return [ActivePort(b.port, 0, bool(b.endpoints)) for b in self.backed()]
+    # ------------------------------------------------------------------ status
+    async def read_counters(self) -> None:
+        self._kernel_counts = await self._thread.run(self.writer.packet_counts)
 
-    async def status(self) -> dict[str, Any]:
-        counts = await self._writer.run(self.writer.packet_counts)
-        ports = []
-        for b in self.backed():
-            port = b.port
-            ports.append(
-                {
-                    "name": str(port.name),
-                    "protocol": port.protocol.value,
-                    "family": port.family.value,
-                    "cluster_ip": port.cluster_ip,
-                    "port": port.port,
-                    "node_port": port.node_port or None,
-                    "node_port_error": None,
-                    "external_ips": list(port.external_ips),
-                    "load_balancer_ips": list(port.load_balancer_ips),
-                    "proxy_port": None,
-                    "session_affinity": affinity_text(port),
-                    "rejected": None,
-                    "endpoints": [_endpoint_row(port, ep, counts) for ep in b.endpoints],
-                }
-            )
-        return {"mode": "iptables", "service_ports": ports, "failed": []}
+    def status(self) -> ProxyStatus:
+        counts = self._kernel_counts
+        return ProxyStatus(
+            mode=self.mode,
+            service_ports=tuple(
+                ServicePortStatus(
+                    port=b.port,
+                    proxy_port=None,
+                    has_endpoints=bool(b.endpoints),
+                    endpoints=tuple(
+                        EndpointStatus(
+                            ep, kernel_connections=counts.get(rules.endpoint_chain(b.port, ep), 0)
+                        )
+                        for ep in b.endpoints
+                    ),
+                )
+                for b in self.backed()
+            ),
+            pending_service_changes=self.tracker.pending,
+        )
 
-    async def shutdown(self) -> None:
+    async def close(self) -> None:
         """The rules stay: the kernel keeps serving while no proxy runs."""
-        self._writer.close()
-
-
-def _endpoint_row(port: ServicePort, ep: Endpoint, counts: dict[str, int]) -> dict[str, Any]:
-    row = endpoint_row(str(ep), None)
-    row["total"] = counts.get(rules.endpoint_chain(port, ep), 0)  # connections, per DNAT rule
-    return row
+        self._thread.close()

@@ -15,25 +15,18 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from userproxy.iptables_mode.provider import KernelProxier
 from userproxy.model import Protocol
-from userproxy.userspace.stats import CountersSnapshot, snapshot
-from userproxy.userspace.workers import Counters
 
 if TYPE_CHECKING:
     from userproxy.app import UserProxy
+    from userproxy.provider import ProxyStatus
 
 #: kube-proxy's buckets: ExponentialBuckets(0.001, 2, 15).
 SYNC_BUCKETS = tuple(0.001 * 2**i for i in range(15))
 
 
 class Metrics:
-    def __init__(
-        self,
-        proxy: UserProxy,
-        registry: CollectorRegistry | None = None,
-        worker_counters: Callable[[], Counters] = dict,
-    ) -> None:
+    def __init__(self, proxy: UserProxy, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self.sync_duration = Histogram(
             "kubeproxy_sync_proxy_rules_duration_seconds",
@@ -53,7 +46,7 @@ class Metrics:
             ["code"],
             registry=self.registry,
         )
-        self.registry.register(_ProxyCollector(proxy, worker_counters))
+        self.registry.register(_ProxyCollector(proxy))
         previous: Callable[[float], None] = proxy.runner.on_synced
 
         def synced(duration: float) -> None:
@@ -64,15 +57,15 @@ class Metrics:
 
 
 class _ProxyCollector(Collector):
-    def __init__(self, proxy: UserProxy, worker_counters: Callable[[], Counters]) -> None:
+    def __init__(self, proxy: UserProxy) -> None:
         self.proxy = proxy
-        self.worker_counters = worker_counters
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._sync_series()
-        yield from self._port_series()
+        status = self.proxy.status()
+        yield from self._sync_series(status)
+        yield from self._port_series(status)
 
-    def _sync_series(self) -> Iterator[Metric]:
+    def _sync_series(self, status: ProxyStatus) -> Iterator[Metric]:
         runner, proxy = self.proxy.runner, self.proxy
         last = GaugeMetricFamily(
             "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
@@ -100,7 +93,7 @@ class _ProxyCollector(Collector):
         yield _gauge(
             "kubeproxy_sync_proxy_rules_service_changes_pending",
             "Pending proxy rules Service changes",
-            proxy.proxier.tracker.pending,
+            status.pending_service_changes,
         )
         # Endpoint changes reach the balancer at once: none ever wait for a sync.
         yield _gauge(
@@ -117,7 +110,7 @@ class _ProxyCollector(Collector):
             proxy.router.rejected,
         )
 
-    def _port_series(self) -> Iterator[Metric]:
+    def _port_series(self, status: ProxyStatus) -> Iterator[Metric]:
         labels = ["service_port", "protocol", "endpoint"]
         families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
             "active": GaugeMetricFamily(
@@ -157,22 +150,19 @@ class _ProxyCollector(Collector):
             "Connections or datagrams turned away for lack of endpoints",
             labels=["service_port", "protocol"],
         )
-        proxier = self.proxy.proxier
-        runtimes = {} if isinstance(proxier, KernelProxier) else proxier.runtimes
-        for name, rt in sorted(runtimes.items()):
-            base = [str(name), rt.port.protocol.value]
-            endpoints.add_metric(base, len(proxier.balancer.endpoints(name)))  # type: ignore[union-attr]
-            rejected.add_metric(base, rt.stats.rejected)
-            theirs = self.worker_counters().get(str(name), {})
-            merged = {str(ep): snapshot(c) for ep, c in rt.stats.endpoints.items()}
-            for ep, c in theirs.items():  # other worker processes' share (--workers)
-                merged[ep] = merged.get(ep, CountersSnapshot()) + c
-            for ep, c in merged.items():
-                values = [*base, ep]
+        for sp in status.service_ports:
+            base = [str(sp.name), sp.port.protocol.value]
+            endpoints.add_metric(base, sum(not e.removed for e in sp.endpoints))
+            if sp.rejected is not None:
+                rejected.add_metric(base, sp.rejected)
+            for e in sp.endpoints:
+                if e.counters is None:
+                    continue  # the kernel carries this traffic
+                values = [*base, str(e.endpoint)]
                 for field, family in families.items():
-                    family.add_metric(values, getattr(c, field))
-                if rt.port.protocol is Protocol.UDP:
-                    flows.add_metric(values, c.active)
+                    family.add_metric(values, getattr(e.counters, field))
+                if sp.port.protocol is Protocol.UDP:
+                    flows.add_metric(values, e.counters.active)
         yield from families.values()
         yield flows
         yield endpoints

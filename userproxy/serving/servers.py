@@ -22,10 +22,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from userproxy.app import UserProxy
-from userproxy.iptables_mode.provider import KernelProxier
 from userproxy.serving import health, status
 from userproxy.serving.metrics import Metrics
-from userproxy.userspace.workers import Counters
 
 log = structlog.get_logger("userproxy.serving.servers")
 
@@ -52,12 +50,9 @@ class Servers:
         metrics_address: str = "127.0.0.1:10249",
         configz: Mapping[str, Any] | None = None,
         clock: Callable[[], float] = time.time,
-        worker_counters: Callable[[], Counters] = dict,
     ) -> None:
         self.proxy = proxy
-        #: Counters of the other worker processes (`--workers`), added to ours in /status.
-        self.worker_counters = worker_counters
-        self.metrics = Metrics(proxy, worker_counters=worker_counters)
+        self.metrics = Metrics(proxy)
         self.healthz_address = healthz_address
         self.metrics_address = metrics_address
         self.configz = dict(configz or {})
@@ -121,13 +116,7 @@ class Servers:
 
     # ------------------------------------------------------------------ metrics and status
     async def status(self) -> status.Status:
-        proxier = self.proxy.proxier
-        if isinstance(proxier, KernelProxier):
-            return await proxier.status()
-        portals = self.proxy.portals
-        errors = portals.node_port_errors() if portals is not None else None
-        extra = self.worker_counters()
-        return {"mode": "userspace", **status.collect(proxier, errors, extra)}
+        return status.to_json(await self.proxy.read_status())
 
     def _metrics_app(self) -> web.Application:
         async def metrics(request: web.Request) -> web.Response:
@@ -138,7 +127,7 @@ class Servers:
             return web.Response(text="ok")
 
         async def proxy_mode(request: web.Request) -> web.Response:
-            return web.Response(text=self.proxy.settings.mode)
+            return web.Response(text=self.proxy.provider.mode)
 
         async def configz(request: web.Request) -> web.Response:
             return _json({"kubeproxy.config.k8s.io": self.configz}, 200)

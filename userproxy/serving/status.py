@@ -1,6 +1,6 @@
-"""What a running proxy serves, as plain data (served as JSON for `userproxy ls`), and its
-rendering in the spirit of `ipvsadm -Ln`. Pure: the data is read from the proxy by the
-caller, the rendering takes the JSON form.
+"""What a running proxy serves, as JSON (`/status`, read by `userproxy ls`), and its
+rendering in the spirit of `ipvsadm -Ln`. Pure: the JSON is made from a provider's
+`ProxyStatus`, the rendering takes the JSON form.
 
     Prot VirtualAddress:Port        Service              ProxyPort  Scheduler
       -> Endpoint                     ActiveConn  TotalConn     InBytes    OutBytes
@@ -13,69 +13,56 @@ from __future__ import annotations
 
 from typing import Any
 
-from userproxy.model import Family, ServicePort, ServicePortName
-from userproxy.userspace.proxier import Proxier
-from userproxy.userspace.stats import CountersSnapshot, snapshot
+from userproxy.model import Family, ServicePort
+from userproxy.provider import EndpointStatus, ProxyStatus, ServicePortStatus
 
 Status = dict[str, Any]
 
 
-def collect(
-    proxier: Proxier,
-    node_port_errors: dict[ServicePortName, str] | None = None,
-    extra: dict[str, dict[str, CountersSnapshot]] | None = None,
-) -> Status:
-    """`extra`: counters of other worker processes, per service port and endpoint."""
-    ports = []
-    for name, rt in sorted(proxier.runtimes.items()):
-        port = rt.port
-        current = set(proxier.balancer.endpoints(name))
-        theirs = (extra or {}).get(str(name), {})
-        merged = {ep: snapshot(c) for ep, c in rt.stats.endpoints.items()}
-        for ep in current:
-            merged.setdefault(ep, CountersSnapshot())
-        for ep, c in list(merged.items()):
-            merged[ep] = c + theirs.get(str(ep), CountersSnapshot())
-        endpoints = [
-            endpoint_row(str(ep), c, removed=ep not in current)
-            for ep, c in sorted(merged.items())
-            if ep in current or c.active
-        ]
-        ports.append(
-            {
-                "name": str(name),
-                "protocol": port.protocol.value,
-                "family": port.family.value,
-                "cluster_ip": port.cluster_ip,
-                "port": port.port,
-                "node_port": port.node_port or None,
-                "node_port_error": (node_port_errors or {}).get(name),
-                "external_ips": list(port.external_ips),
-                "load_balancer_ips": list(port.load_balancer_ips),
-                "proxy_port": rt.proxy_port,
-                "session_affinity": affinity_text(port),
-                "rejected": rt.stats.rejected,
-                "endpoints": endpoints,
-            }
-        )
-    failed = [{"name": str(n), "reason": r} for n, r in sorted(proxier.failed.items())]
-    return {"service_ports": ports, "failed": failed}
-
-
-def endpoint_row(
-    address: str, counters: CountersSnapshot | None, *, removed: bool = False
-) -> dict[str, Any]:
-    """One endpoint of `ls`; None counters (iptables mode) are the ones the kernel keeps no
-    record of."""
-    c = counters
+def to_json(status: ProxyStatus) -> Status:
+    """The status as `/status` serves it. An endpoint out of rotation is listed while it
+    still has connections open."""
     return {
-        "address": address,
+        "mode": status.mode,
+        "service_ports": [_port_json(sp) for sp in status.service_ports],
+        "failed": [{"name": str(name), "reason": reason} for name, reason in status.failed],
+    }
+
+
+def _port_json(sp: ServicePortStatus) -> dict[str, Any]:
+    port = sp.port
+    return {
+        "name": str(port.name),
+        "protocol": port.protocol.value,
+        "family": port.family.value,
+        "cluster_ip": port.cluster_ip,
+        "port": port.port,
+        "node_port": port.node_port or None,
+        "node_port_error": sp.node_port_error,
+        "external_ips": list(port.external_ips),
+        "load_balancer_ips": list(port.load_balancer_ips),
+        "proxy_port": sp.proxy_port,
+        "session_affinity": affinity_text(port),
+        "rejected": sp.rejected,
+        "endpoints": [
+            _endpoint_json(e)
+            for e in sp.endpoints
+            if not e.removed or (e.counters is not None and e.counters.active)
+        ],
+    }
+
+
+def _endpoint_json(e: EndpointStatus) -> dict[str, Any]:
+    """Counters the proxy does not keep (the kernel carries the traffic) are None."""
+    c = e.counters
+    return {
+        "address": str(e.endpoint),
         "active": c.active if c else None,
-        "total": c.total if c else None,
+        "total": c.total if c else e.kernel_connections,
         "bytes_from_clients": c.bytes_from_clients if c else None,
         "bytes_to_clients": c.bytes_to_clients if c else None,
         "dial_failures": c.dial_failures if c else None,
-        "removed": removed,
+        "removed": e.removed,
     }
 
 

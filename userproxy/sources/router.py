@@ -1,4 +1,4 @@
-"""Routes Kubernetes objects from any source (files, the API, Python code) to the proxier.
+"""Routes Kubernetes objects from any source (files, the API, Python code) to the provider.
 
 It converts each object, reports the ones that cannot be served (one clear log line naming the
 object and the reason, and a counter) and remembers what each object contributed, so that a
@@ -40,8 +40,8 @@ class _Routed:
 
 
 class ObjectRouter:
-    def __init__(self, proxier: SourceSink, *, proxy_name: str | None = None) -> None:
-        self.proxier = proxier
+    def __init__(self, sink: SourceSink, *, proxy_name: str | None = None) -> None:
+        self.sink = sink
         #: `--service-proxy-name`: serve only Services carrying this proxy-name label value
         #: (None: serve the Services that carry no such label, like kube-proxy).
         self.proxy_name = proxy_name
@@ -86,7 +86,7 @@ class ObjectRouter:
         labels = (obj.get("metadata") or {}).get("labels") or {}
         if labels.get(convert.SERVICE_PROXY_NAME_LABEL) != self.proxy_name:
             self._routed[key] = _Routed(service, "")
-            self.proxier.on_service(service, None)
+            self.sink.on_service(service, None)
             log.debug("Skipping a Service that belongs to another proxy.", service=key[1:])
             return
         result = convert.service_ports(obj)
@@ -98,19 +98,19 @@ class ObjectRouter:
                 "Not proxying a Service.", service=f"{key[1]}/{key[2]}", reason=result.skipped
             )
         self._routed[key] = _Routed(service, "")
-        self.proxier.on_service(service, result.ports or None)
+        self.sink.on_service(service, result.ports or None)
 
     def _endpoints(self, key: ObjectKey, result: convert.EndpointsResult) -> None:
         before = self._routed.get(key)
         if before is not None and before.service != result.service:
-            self.proxier.on_endpoints_deleted(before.service, before.source)
+            self.sink.on_endpoints_deleted(before.service, before.source)
         if result.skipped:
             self._routed.pop(key, None)
             if before is not None and before.service == result.service:
-                self.proxier.on_endpoints_deleted(before.service, before.source)
+                self.sink.on_endpoints_deleted(before.service, before.source)
             return
         self._routed[key] = _Routed(result.service, result.source)
-        self.proxier.on_endpoints(result)
+        self.sink.on_endpoints(result)
 
     def delete(self, key: ObjectKey) -> None:
         self._seen.pop(key, None)
@@ -119,9 +119,9 @@ class ObjectRouter:
             return
         self.changes[key[0]] += 1
         if key[0] == "Service":
-            self.proxier.on_service(routed.service, None)
+            self.sink.on_service(routed.service, None)
         else:
-            self.proxier.on_endpoints_deleted(routed.service, routed.source)
+            self.sink.on_endpoints_deleted(routed.service, routed.source)
 
     def replace_all(
         self,

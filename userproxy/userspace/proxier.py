@@ -8,6 +8,10 @@ rules differ for services without endpoints).
 A listener is rebuilt on a new proxy port when a field of `ServicePort.listener_identity()`
 changes; any other change is applied in place. Established TCP connections survive rebuilds
 and endpoint changes; they are reset when their service port is removed or the proxy stops.
+
+The proxier is the userspace mode's `Provider`. It owns its portals (kernel rules that send
+service traffic to the proxy ports) and its followers (worker processes serving the same
+proxy ports, `--workers`), and reports their NodePort clashes and counters in `status()`.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol as TypingProtocol
 
 import structlog
 
@@ -24,12 +29,19 @@ from userproxy.changes import EndpointsCache, ServiceChangeTracker, ServiceKey, 
 from userproxy.convert import EndpointsResult
 from userproxy.model import Endpoint, Family, Protocol, ServicePort, ServicePortName
 from userproxy.ports import PortAllocator, PortsExhausted, make_allocator
-from userproxy.settings import ProxySettings
+from userproxy.provider import (
+    Counters,
+    CountersSnapshot,
+    EndpointStatus,
+    ProxyStatus,
+    ServicePortStatus,
+)
+from userproxy.settings import Settings
 from userproxy.userspace.portals.interface import ActivePort, Portals
-from userproxy.userspace.stats import PortStats
+from userproxy.userspace.stats import PortStats, snapshot
+from userproxy.userspace.steering import steer_by_client_ip
 from userproxy.userspace.tcp import ClientSide, TcpProxy, abort_all
 from userproxy.userspace.udp import UdpProxy
-from userproxy.userspace.workers import steer_by_client_ip
 
 log = structlog.get_logger("userproxy.userspace.proxier")
 
@@ -37,6 +49,26 @@ log = structlog.get_logger("userproxy.userspace.proxier")
 BIND_ATTEMPTS = 8
 #: A sync that opens more service ports than this logs them in one line (each at debug).
 LOG_EACH_PORT_UP_TO = 20
+
+
+#: Per served service port: the port, its proxy port and its endpoints (what workers follow).
+DataPlane = list[tuple[ServicePort, int, list[Endpoint]]]
+
+
+class Followers(TypingProtocol):
+    """Other processes serving the same proxy ports (`--workers`)."""
+
+    async def start(self) -> None: ...
+
+    def publish(self, state: Callable[[], DataPlane]) -> None:
+        """Send the data plane soon (once per loop turn, however many changes)."""
+        ...
+
+    def counters(self) -> Counters:
+        """Their traffic counters, summed over the processes."""
+        ...
+
+    async def stop(self) -> None: ...
 
 
 @dataclass
@@ -49,14 +81,17 @@ class PortRuntime:
 
 
 class Proxier:
+    mode = "userspace"
+
     def __init__(
         self,
         *,
-        settings: ProxySettings,
+        settings: Settings,
         balancer: RoundRobinBalancer | None = None,
         allocator: PortAllocator | None = None,
         clock: Callable[[], float] = time.monotonic,
         portals: Portals | None = None,
+        followers: Followers | None = None,
     ) -> None:
         self.settings = settings
         self.balancer = balancer or RoundRobinBalancer()
@@ -69,9 +104,26 @@ class Proxier:
         #: Service ports whose listener could not be opened, with the reason.
         self.failed: dict[ServicePortName, str] = {}
         self.request_sync: Callable[[], None] = lambda: None
-        #: Called after the data plane changed (listeners or endpoints): workers follow it.
-        self.on_data_plane_change: Callable[[], None] = lambda: None
+        self.followers = followers
         self._lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        if self.followers is not None:
+            await self.followers.start()
+
+    async def close(self) -> None:
+        """Stop the followers, remove the portals (their rules would point at closed ports),
+        then close every listener and connection."""
+        if self.followers is not None:
+            await self.followers.stop()
+        if self.portals is not None:
+            await self.portals.close()
+        await self.shutdown()
+
+    def _data_plane_changed(self) -> None:
+        if self.followers is not None:
+            self.followers.publish(self.data_plane)
 
     # ------------------------------------------------------------------ source handlers
     def on_service(self, key: ServiceKey, ports: tuple[ServicePort, ...] | None) -> None:
@@ -101,7 +153,7 @@ class Proxier:
             portals = await self._start_portal_sync()
             try:
                 await self._start_listeners(bound)
-                self.on_data_plane_change()
+                self._data_plane_changed()
             finally:
                 if portals is not None:
                     await portals
@@ -219,12 +271,12 @@ class Proxier:
         raise last_error
 
     def _bind(self, listener: TcpProxy | UdpProxy, port: int) -> int:
-        workers = self.settings.workers
+        workers = self.settings.userspace.workers
         bound = listener.bind(
             host=self.settings.bind_address,
             port=port,
             family=self.settings.bind_family,
-            reuse_port=self.settings.workers_reuse_port or workers > 1,
+            reuse_port=self.settings.userspace.workers_reuse_port or workers > 1,
         )
         if workers > 1 and listener.sock is not None and self.settings.bind_family is Family.IPv4:
             steer_by_client_ip(listener.sock, workers)
@@ -256,7 +308,7 @@ class Proxier:
                     )
                 self.balancer.update_endpoints(name, eps)
 
-    def data_plane(self) -> list[tuple[ServicePort, int, list[Endpoint]]]:
+    def data_plane(self) -> DataPlane:
         """What workers need: each served port, its proxy port and its endpoints."""
         return [
             (rt.port, rt.proxy_port, list(self.balancer.endpoints(name)))
@@ -311,7 +363,7 @@ class Proxier:
             if runtime is None and not endpoints and not self.balancer.has_service(name):
                 continue
             self.balancer.update_endpoints(name, endpoints)
-            self.on_data_plane_change()
+            self._data_plane_changed()
             if runtime is not None and had_endpoints != bool(endpoints):
                 self.request_sync()
 
@@ -321,6 +373,39 @@ class Proxier:
             ActivePort(rt.port, rt.proxy_port, bool(self.balancer.endpoints(name)))
             for name, rt in sorted(self.runtimes.items())
         ]
+
+    def status(self) -> ProxyStatus:
+        errors = self.portals.node_port_errors() if self.portals is not None else {}
+        status = ProxyStatus(
+            mode=self.mode,
+            service_ports=tuple(
+                self._port_status(rt, errors.get(name))
+                for name, rt in sorted(self.runtimes.items())
+            ),
+            failed=tuple(sorted(self.failed.items())),
+            pending_service_changes=self.tracker.pending,
+        )
+        return status.with_counters(self.followers.counters() if self.followers else {})
+
+    def _port_status(self, rt: PortRuntime, node_port_error: str | None) -> ServicePortStatus:
+        current = set(self.balancer.endpoints(rt.port.name))
+        rows = {
+            ep: EndpointStatus(ep, snapshot(c), removed=ep not in current)
+            for ep, c in rt.stats.endpoints.items()
+        }
+        for ep in current:
+            rows.setdefault(ep, EndpointStatus(ep, CountersSnapshot()))
+        return ServicePortStatus(
+            port=rt.port,
+            proxy_port=rt.proxy_port,
+            has_endpoints=bool(current),
+            endpoints=tuple(rows[ep] for ep in sorted(rows)),
+            rejected=rt.stats.rejected,
+            node_port_error=node_port_error,
+        )
+
+    async def read_counters(self) -> None:
+        """Every counter is live in memory."""
 
     async def shutdown(self) -> None:
         """Close every listener and connection. Portal rules are the caller's to remove."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from userproxy.model import Endpoint
+from userproxy.provider import CountersSnapshot
 
 
 class EndpointCounters:
@@ -22,24 +23,6 @@ class EndpointCounters:
         #: endpoint -> client
         self.bytes_to_clients = 0
         self.dial_failures = 0
-
-
-@dataclass(frozen=True, slots=True)
-class CountersSnapshot:
-    active: int = 0
-    total: int = 0
-    bytes_from_clients: int = 0
-    bytes_to_clients: int = 0
-    dial_failures: int = 0
-
-    def __add__(self, other: CountersSnapshot) -> CountersSnapshot:
-        return CountersSnapshot(
-            self.active + other.active,
-            self.total + other.total,
-            self.bytes_from_clients + other.bytes_from_clients,
-            self.bytes_to_clients + other.bytes_to_clients,
-            self.dial_failures + other.dial_failures,
-        )
 
 
 def snapshot(c: EndpointCounters) -> CountersSnapshot:

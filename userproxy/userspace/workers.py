@@ -2,209 +2,189 @@
 
 The leader (the `userproxy run` process) keeps everything else: the source, the sync runner,
 the portals, the health and metrics servers. After every change it sends the workers a
-snapshot of the data plane (per service port: proxy port, affinity, endpoints) over a
-socketpair; each worker opens the same listeners with SO_REUSEPORT and balances on its own.
-Workers send their traffic counters back every second, so `ls` and `/metrics` add them up.
+snapshot of the data plane (`wire.py`) over a socketpair; each worker opens the same
+listeners with SO_REUSEPORT and balances on its own, steered by client IP (`steering.py`).
+Workers send their traffic counters back every second, and the leader's `status()` adds
+them up.
 
-ClientIP affinity across processes: the kernel would spread a client's connections over the
-group by 4-tuple hash. A classic-BPF reuseport program makes it pick the socket by the
-client's IPv4 address instead (`ld [net+12]; mod N`), so one client always lands in the
-same process, whose balancer holds its affinity. (IPv6 clients fall back to the kernel's
-hash: the program reads an IPv4 header field.)
+Each worker has a supervisor task in the leader: a worker that dies is logged and replaced
+(after a pause that grows while it keeps dying), and the new one is sent the current data
+plane at once. Its connections are gone; new ones go to the replacement.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
-import dataclasses
 import json
 import os
 import socket
 import sys
 from collections.abc import Callable
-from typing import Any
 
 import structlog
 
-from userproxy.model import Affinity, Endpoint, Protocol, ServicePort, ServicePortName
-from userproxy.userspace.stats import CountersSnapshot, snapshot
+from userproxy import logs, tasks
+from userproxy.provider import Counters
+from userproxy.settings import Settings, from_data, to_data
+from userproxy.userspace.wire import (
+    DataPlane,
+    decode_counters,
+    decode_state,
+    encode_counters,
+    encode_state,
+)
 
-log = structlog.get_logger("userproxy.userspace.workers")
+log = structlog.get_logger("userproxy.workers")
 
-SO_ATTACH_REUSEPORT_CBPF = 51
-SKF_NET_OFF = -0x100000
-_BPF_LD_W_ABS, _BPF_ALU_MOD_K, _BPF_RET_A = 0x20, 0x94, 0x16
-
-
-class _SockFilter(ctypes.Structure):
-    _fields_ = [
-        ("code", ctypes.c_uint16),
-        ("jt", ctypes.c_uint8),
-        ("jf", ctypes.c_uint8),
-        ("k", ctypes.c_uint32),
-    ]
-
-
-class _SockFprog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_SockFilter))]
+#: Seconds between a worker's death and its replacement: doubles while it keeps dying.
+RESPAWN_DELAYS = (0.1, 0.5, 2.0, 5.0)
+#: A worker that lived this long resets the delay.
+HEALTHY_AFTER = 30.0
 
 
-def steer_by_client_ip(sock: socket.socket, workers: int) -> None:
-    """Attach the reuseport program choosing socket `src_ip mod workers` of the group."""
-    program = (_SockFilter * 3)(
-        _SockFilter(_BPF_LD_W_ABS, 0, 0, (SKF_NET_OFF + 12) & 0xFFFFFFFF),  # IPv4 source
-        _SockFilter(_BPF_ALU_MOD_K, 0, 0, workers),
-        _SockFilter(_BPF_RET_A, 0, 0, 0),
-    )
-    fprog = _SockFprog(3, program)
-    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, bytes(fprog))
+class _Worker:
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.proc: asyncio.subprocess.Process | None = None
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.counters: Counters = {}
 
 
-# ----------------------------------------------------------------------------- wire format
-def encode_state(ports: list[tuple[ServicePort, int, list[Endpoint]]]) -> bytes:
-    """The data-plane snapshot the leader sends: one JSON line."""
-    items = [
-        {
-            "ns": p.name.namespace,
-            "name": p.name.name,
-            "port": p.name.port,
-            "protocol": p.protocol.value,
-            "cluster_ip": p.cluster_ip,
-            "service_port": p.port,
-            "affinity": [p.affinity.client_ip, p.affinity.timeout_s],
-            "proxy_port": proxy_port,
-            "endpoints": [[e.ip, e.port] for e in endpoints],
-        }
-        for p, proxy_port, endpoints in ports
-    ]
-    return json.dumps(items, separators=(",", ":")).encode() + b"\n"
-
-
-def decode_state(line: bytes) -> list[tuple[ServicePort, int, list[Endpoint]]]:
-    out = []
-    for item in json.loads(line):
-        name = ServicePortName(item["ns"], item["name"], item["port"], Protocol(item["protocol"]))
-        port = ServicePort(
-            name,
-            item["cluster_ip"],
-            item["service_port"],
-            affinity=Affinity(bool(item["affinity"][0]), int(item["affinity"][1])),
-        )
-        out.append(
-            (port, int(item["proxy_port"]), [Endpoint(ip, p) for ip, p in item["endpoints"]])
-        )
-    return out
-
-
-Counters = dict[str, dict[str, CountersSnapshot]]  # service port -> endpoint -> counters
-
-
-def encode_counters(counters: Counters) -> bytes:
-    body = {
-        n: {e: list(dataclasses.astuple(c)) for e, c in eps.items()} for n, eps in counters.items()
-    }
-    return json.dumps(body, separators=(",", ":")).encode() + b"\n"
-
-
-def decode_counters(line: bytes) -> Counters:
-    return {
-        n: {e: CountersSnapshot(*values) for e, values in eps.items()}
-        for n, eps in json.loads(line).items()
-    }
-
-
-# ----------------------------------------------------------------------------- leader side
 class WorkerPool:
-    def __init__(self, count: int, worker_args: list[str]) -> None:
+    """The leader's side: the userspace proxier's `Followers`."""
+
+    def __init__(self, count: int, settings: Settings) -> None:
         self.count = count
-        self.worker_args = worker_args
-        self.procs: list[asyncio.subprocess.Process] = []
-        self._channels: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-        self._tasks: list[asyncio.Task[None]] = []
+        self.settings = settings
+        self._workers = [_Worker(i) for i in range(1, count)]
+        self._supervisors: list[asyncio.Task[None]] = []
         self._pending: asyncio.Handle | None = None
-        #: Per worker, its latest counters.
-        self.counters: dict[int, Counters] = {}
-        self.state: Callable[[], bytes] = lambda: b"[]\n"
+        self._state: Callable[[], DataPlane] = list
+        self._stopping = False
+        #: Workers started, replacements included.
+        self.spawned = 0
 
     async def start(self) -> None:
-        for index in range(1, self.count):
-            ours, theirs = socket.socketpair()
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "userproxy", "_worker", "--channel-fd", str(theirs.fileno()),
-                *self.worker_args, pass_fds=(theirs.fileno(),),
-            )  # fmt: skip
-            theirs.close()
-            reader, writer = await asyncio.open_connection(sock=ours)
-            self.procs.append(proc)
-            self._channels.append((reader, writer))
-            self._tasks.append(asyncio.create_task(self._read(index, reader)))
+        for worker in self._workers:
+            await self._spawn(worker)
+            self._supervisors.append(
+                tasks.guarded(self._supervise(worker), name=f"worker-{worker.index}")
+            )
         log.info("Started the worker processes.", workers=self.count)
 
-    async def _read(self, index: int, reader: asyncio.StreamReader) -> None:
-        while line := await reader.readline():
-            self.counters[index] = decode_counters(line)
-        log.error("A worker process ended; its connections are gone.", worker=index)
+    async def _spawn(self, worker: _Worker) -> None:
+        ours, theirs = socket.socketpair()
+        try:
+            worker.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "userproxy", "_worker", "--channel-fd",
+                str(theirs.fileno()), pass_fds=(theirs.fileno(),),
+            )  # fmt: skip
+        finally:
+            theirs.close()
+        worker.reader, worker.writer = await asyncio.open_connection(sock=ours)
+        # The first line is the settings, as data; then data-plane snapshots.
+        worker.writer.write(json.dumps(to_data(self.settings)).encode() + b"\n")
+        worker.writer.write(encode_state(self._state()))
+        self.spawned += 1
 
-    def publish(self) -> None:
-        """Send the current snapshot soon (once per loop turn, however many changes)."""
+    async def _supervise(self, worker: _Worker) -> None:
+        """Read the worker's counters until it dies; replace it, unless the pool stops."""
+        failures = 0
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            assert worker.reader is not None and worker.proc is not None
+            while line := await worker.reader.readline():
+                worker.counters = decode_counters(line)
+            code = await worker.proc.wait()
+            worker.counters = {}
+            if self._stopping:
+                return
+            failures = 0 if loop.time() - started > HEALTHY_AFTER else failures + 1
+            delay = RESPAWN_DELAYS[min(failures, len(RESPAWN_DELAYS)) - 1] if failures else 0.0
+            log.error(
+                "A worker process ended; its connections are gone. Starting a replacement.",
+                worker=worker.index,
+                exit_code=code,
+                delay_seconds=delay,
+            )
+            await asyncio.sleep(delay)
+            await self._spawn(worker)
+
+    def publish(self, state: Callable[[], DataPlane]) -> None:
+        """Send the data plane soon (once per loop turn, however many changes)."""
+        self._state = state
         if self._pending is None:
             self._pending = asyncio.get_running_loop().call_soon(self._send)
 
     def _send(self) -> None:
         self._pending = None
-        line = self.state()
-        for _, writer in self._channels:
-            if not writer.is_closing():
-                writer.write(line)
+        line = encode_state(self._state())
+        for worker in self._workers:
+            if worker.writer is not None and not worker.writer.is_closing():
+                worker.writer.write(line)
 
-    def extra_counters(self) -> Counters:
+    def counters(self) -> Counters:
         total: Counters = {}
-        for counters in self.counters.values():
-            for name, eps in counters.items():
+        for worker in self._workers:
+            for name, eps in worker.counters.items():
                 mine = total.setdefault(name, {})
                 for ep, c in eps.items():
-                    mine[ep] = mine.get(ep, CountersSnapshot()) + c
+                    mine[ep] = mine[ep] + c if ep in mine else c
         return total
 
+    @property
+    def pids(self) -> list[int]:
+        return [w.proc.pid for w in self._workers if w.proc is not None]
+
     async def stop(self) -> None:
-        for _, writer in self._channels:
-            writer.close()
-        for proc in self.procs:
-            if proc.returncode is None:
-                proc.terminate()
-        for proc in self.procs:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(proc.wait(), 10)
-        for task in self._tasks:
-            task.cancel()
+        self._stopping = True
+        for worker in self._workers:
+            if worker.writer is not None:
+                worker.writer.close()
+            if worker.proc is not None and worker.proc.returncode is None:
+                worker.proc.terminate()
+        for worker in self._workers:
+            if worker.proc is not None:
+                try:
+                    async with asyncio.timeout(10):
+                        await worker.proc.wait()
+                except TimeoutError:
+                    worker.proc.kill()
+        await tasks.stop_all(self._supervisors)
 
 
 # ----------------------------------------------------------------------------- worker side
-async def run_worker(channel_fd: int, settings: Any) -> int:
-    """A worker: follow the leader's snapshots with listeners and balancers of its own."""
+async def run_worker(channel_fd: int) -> int:
+    """A worker: read the settings, then follow the leader's snapshots with listeners and
+    balancers of its own."""
     from userproxy.userspace.proxier import Proxier
 
-    proxier = Proxier(settings=settings)
     sock = socket.socket(fileno=channel_fd)
     reader, writer = await asyncio.open_connection(sock=sock)
+    first = await reader.readline()
+    if not first:
+        return 0  # the leader went away before saying anything
+    settings = from_data(json.loads(first))
+    logs.configure(verbosity=settings.logging.verbosity, fmt=settings.logging.format)
+    proxier = Proxier(settings=settings)
 
     async def report() -> None:
         while True:
             await asyncio.sleep(1.0)
             counters = {
-                str(name): {str(ep): snapshot(c) for ep, c in rt.stats.endpoints.items()}
-                for name, rt in proxier.runtimes.items()
+                str(sp.name): {e.endpoint: e.counters for e in sp.endpoints if e.counters}
+                for sp in proxier.status().service_ports
             }
             writer.write(encode_counters(counters))
 
-    reporter = asyncio.get_running_loop().create_task(report())
+    reporter = tasks.guarded(report(), name="worker-report")
     try:
         while line := await reader.readline():
             await proxier.follow(decode_state(line))
     finally:
-        reporter.cancel()
-        await proxier.shutdown()
+        await tasks.stop_all([reporter])
+        await proxier.close()
     log.info("The leader went away; worker stopping.", pid=os.getpid())
     return 0

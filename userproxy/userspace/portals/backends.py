@@ -11,30 +11,17 @@ against each other, so the proxy must write where kubelet and the CNI write.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import structlog
 
 from userproxy.iptables.chains import ChainSync
 from userproxy.iptables.cleanup import dumps, owned_text, remove_owned
-from userproxy.iptables.detect import detect_variant
+from userproxy.iptables.detect import BackendChoice, choose_variant
 from userproxy.iptables.exec import ExecIptables
-from userproxy.iptables.interface import VARIANTS, Iptables, Variant
+from userproxy.iptables.interface import Iptables
 from userproxy.iptables.iptc import IptcIptables
 from userproxy.userspace.portals.rules import CHAINS, JUMPS, OWNED_CHAINS
 
 log = structlog.get_logger("userproxy.iptables")
-
-BackendChoice = Literal["auto", "legacy", "nft"]
-
-
-def host_iptables() -> dict[Variant, Iptables]:
-    """The host's two variants, through their binaries (for reading, detection, cleanup)."""
-    return {variant: ExecIptables(variant) for variant in VARIANTS}
-
-
-def choose_variant(choice: BackendChoice) -> Variant:
-    return detect_variant(host_iptables()) if choice == "auto" else choice
 
 
 def portal_iptables(choice: BackendChoice) -> Iptables:
@@ -55,14 +42,6 @@ def cleanup(iptables: Iptables) -> int:
     return remove_owned(iptables, dumps(iptables, CHAINS), OWNED_CHAINS.__contains__)
 
 
-def cleanup_all() -> int:
-    """Remove the portal chains and jumps from both legacy and nft. Idempotent."""
-    return sum(cleanup(iptables) for iptables in host_iptables().values())
-
-
-def owned_rules_text() -> str:
-    """The portal rules in the kernel, in iptables-save form, per variant that has any."""
-    return "".join(
-        owned_text(iptables, dumps(iptables, CHAINS), OWNED_CHAINS.__contains__)
-        for iptables in host_iptables().values()
-    )
+def owned_rules_text(iptables: Iptables) -> str:
+    """The portal rules in one variant, in iptables-save form."""
+    return owned_text(iptables, dumps(iptables, CHAINS), OWNED_CHAINS.__contains__)

@@ -1,0 +1,87 @@
+"""Long-lived tasks, named and guarded (after kopf's `aiotasks`).
+
+Every loop that should run for the life of the process (the sync runner, a source's watch,
+a worker's supervisor) is started with `guarded`: when it fails or returns, that is logged
+with its name at once, instead of surfacing, if ever, when someone awaits it. `first_exit`
+runs a set of them until any one ends, then stops the rest within a bounded time, so the
+process never runs on half-alive; it says which task ended and whether that was a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Coroutine, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger("userproxy.tasks")
+
+#: Seconds the other tasks get to finish once one has ended.
+STOP_GRACE = 5.0
+
+
+def guarded(coro: Coroutine[Any, Any, Any], *, name: str) -> asyncio.Task[Any]:
+    """`coro` as a task that logs, with `name`, a failure or an unexpected return."""
+    task = asyncio.get_running_loop().create_task(coro, name=name)
+    task.add_done_callback(_report)
+    return task
+
+
+def _report(task: asyncio.Task[Any]) -> None:
+    if task.cancelled():
+        return
+    error = task.exception()
+    if error is not None:
+        log.error(
+            "A long-lived task failed.",
+            task=task.get_name(),
+            exc_info=(type(error), error, error.__traceback__),
+        )
+    else:
+        log.error("A long-lived task ended unexpectedly.", task=task.get_name())
+
+
+@dataclass(frozen=True)
+class Exit:
+    """Which task ended first, and whether it failed (raised) or only returned."""
+
+    task: str
+    failed: bool
+    result: Any = None
+
+
+async def first_exit(tasks: Mapping[str, Awaitable[Any]]) -> Exit:
+    """Run the named tasks (guarding coroutines) until one ends; cancel the others and
+    wait up to STOP_GRACE for them. Cancelling the caller cancels them all."""
+    running = {
+        name: (t if isinstance(t, asyncio.Future) else guarded(_coro(t), name=name))
+        for name, t in tasks.items()
+    }
+    names = {task: name for name, task in running.items()}
+    try:
+        done, _ = await asyncio.wait(running.values(), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        await stop_all(running.values())
+    first = next(iter(done))
+    failed = first.cancelled() or first.exception() is not None
+    return Exit(names[first], failed, None if failed else first.result())
+
+
+async def stop_all(tasks: Any) -> None:
+    pending = [t for t in tasks if not t.done()]
+    for task in pending:
+        task.cancel()
+    if pending:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(STOP_GRACE):
+                await asyncio.gather(*pending, return_exceptions=True)
+        for task in pending:
+            if not task.done():
+                log.error("A task did not stop in time.", task=task.get_name())
+
+
+async def _coro(awaitable: Awaitable[Any]) -> Any:
+    return await awaitable
