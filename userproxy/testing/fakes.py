@@ -54,6 +54,8 @@ class FakeIptables:
         self.restores: list[str] = []
         #: The next restore fails with this message (fault injection), once.
         self.fail_next: str | None = None
+        #: Packets `save(counters=True)` reports for each rule of a (table, chain).
+        self.packets: dict[tuple[str, str], int] = {}
         self.installed = True
 
     @property
@@ -73,7 +75,8 @@ class FakeIptables:
             policy = "ACCEPT" if chain in BUILTIN_CHAINS.get(table, ()) else "-"
             out.append(f":{chain} {policy} [0:0]")
         for chain, rules in chains.items():
-            out += [f"{'[0:0] ' if counters else ''}-A {chain} {args}" for args in rules]
+            count = f"[{self.packets.get((table, chain), 0)}:0] " if counters else ""
+            out += [f"{count}-A {chain} {args}" for args in rules]
         out.append("COMMIT")
         return "\n".join(out) + "\n"
 

@@ -99,6 +99,8 @@ class WorkerPool:
                 worker.counters = decode_counters(line)
             code = await worker.proc.wait()
             worker.counters = {}
+            if worker.writer is not None:
+                worker.writer.close()  # the dead worker's end of the channel
             if self._stopping:
                 return
             failures = 0 if loop.time() - started > HEALTHY_AFTER else failures + 1
