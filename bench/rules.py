@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from userproxy import modes
+from userproxy import main as composition
 from userproxy.iptables.chains import ChainSync
 from userproxy.iptables.exec import ExecIptables
 from userproxy.iptables.iptc import IptcIptables
@@ -70,14 +70,14 @@ def measure(count: int, name: str, repeat: int) -> dict[str, float]:
     results: dict[str, list[float]] = {"first": [], "resync": [], "change": []}
     size = 0
     for _ in range(repeat):
-        modes.remove_rules()
+        composition.remove_rules()
         backend, builder = BACKENDS[name](), RuleBuilder(CONFIG)
         took, rules = timed(backend, builder, full, full=True)
         results["first"].append(took)
         results["resync"].append(timed(backend, builder, full, full=True)[0])
         results["change"].append(timed(backend, builder, changed, full=False)[0])
         size = len(rules)
-    modes.remove_rules()
+    composition.remove_rules()
     return {k: statistics.median(v) for k, v in results.items()} | {"rules": size}
 
 

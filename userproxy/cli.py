@@ -268,11 +268,11 @@ def merge_config_file(ctx: click.Context, options: dict[str, Any]) -> dict[str, 
 
 
 def do_cleanup() -> int:
-    from userproxy import modes
+    from userproxy import main as composition
     from userproxy.iptables.interface import RulesError
 
     try:
-        removed = modes.remove_rules()
+        removed = composition.remove_rules()
     except RulesError as err:
         log.error("Cleanup failed.", reason=str(err))
         return 1
@@ -336,9 +336,9 @@ def ls(address: str, as_json: bool) -> None:
 @main.command()
 def rules() -> None:
     """Print the iptables rules userproxy owns (either mode), in iptables-save form."""
-    from userproxy import modes
+    from userproxy import main as composition
 
-    click.echo(modes.owned_rules_text(), nl=False)
+    click.echo(composition.owned_rules_text(), nl=False)
 
 
 @main.command()

@@ -18,7 +18,8 @@ import structlog
 
 from userproxy import modes, tasks
 from userproxy.app import UserProxy
-from userproxy.provider import StartupError
+from userproxy.iptables.detect import host_iptables
+from userproxy.provider import Provider, StartupError
 from userproxy.serving.servers import ServerError, Servers
 from userproxy.settings import Settings, to_options
 from userproxy.sources.manifests import ManifestError, ManifestSource
@@ -35,7 +36,7 @@ async def prepared(settings: Settings) -> AsyncIterator[UserProxy]:
     proxy = UserProxy(
         settings,
         proxy_name=settings.sources.service_proxy_name,
-        provider=modes.make_provider(settings),
+        provider=make_provider(settings),
     )
     servers = Servers(
         proxy,
@@ -64,6 +65,31 @@ def configz(settings: Settings) -> dict[str, Any]:
 
     wanted = {option for option, _ in config.USED.values()}
     return {k: v for k, v in to_options(settings).items() if k in wanted}
+
+
+def make_provider(settings: Settings) -> Provider:
+    """The provider of `settings.mode` (see `userproxy.modes`). Raises StartupError when the
+    host cannot run it as configured."""
+    build: Callable[..., Provider] = modes.load(modes.MODES[settings.mode].provider)
+    return build(settings, remove_other_modes=lambda: remove_rules(keep=settings.mode))
+
+
+def _rules_modules(keep: str | None = None) -> list[Any]:
+    return [modes.load(mode.rules) for name, mode in modes.MODES.items() if name != keep]
+
+
+def remove_rules(*, keep: str | None = None) -> int:
+    """Remove every mode's rules (but `keep`'s) from both iptables variants. Idempotent."""
+    hosts = host_iptables().values()
+    return sum(module.cleanup(iptables) for module in _rules_modules(keep) for iptables in hosts)
+
+
+def owned_rules_text() -> str:
+    """Every rule any mode owns, in iptables-save form, per variant that has any."""
+    hosts = host_iptables().values()
+    return "".join(
+        module.owned_rules_text(iptables) for module in _rules_modules() for iptables in hosts
+    )
 
 
 async def serve(settings: Settings) -> int:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from tests.netns.topology import inside
-from userproxy import modes
+from userproxy import main
 from userproxy.iptables.chains import ChainSync
 from userproxy.iptables.exec import ExecIptables
 from userproxy.iptables.interface import RulesError, Variant
@@ -184,8 +184,8 @@ def test_cleanup_removes_ours_only_and_twice_is_fine(netns: str, kind: str) -> N
     ipt(netns, variant, "-t", "nat", "-A", "PREROUTING", "-d", "10.1.1.1", "-j", "SOMEONE-ELSE")
     apply(netns, kind, ruleset(WEB, EMPTY))
     with inside(netns):
-        assert modes.remove_rules() > 0
-        assert modes.remove_rules() == 0
+        assert main.remove_rules() > 0
+        assert main.remove_rules() == 0
     assert owned(netns, "legacy") == [] and owned(netns, "nft") == []
     nat = saved(netns, variant)["nat"]
     assert ":SOMEONE-ELSE -" in nat

@@ -109,7 +109,6 @@ class IptablesProvider:
         self.endpoints = EndpointsCache()
         self.ports: dict[ServicePortName, ServicePort] = {}
         self.request_sync: Callable[[], None] = lambda: None
-        self.last_ruleset: Ruleset | None = None
         self._lock = asyncio.Lock()
         self._thread = RuleWriter(full_sync_period=settings.sync_period, clock=clock)
         #: Connections through each KUBE-SEP chain, as last read (`read_counters`).
@@ -147,7 +146,6 @@ class IptablesProvider:
                 self.ports.update(names_of(current))
             ruleset = rules.build(self.backed(), self.config)
             await self._thread.write(lambda full: self.writer.apply(ruleset, full=full))
-            self.last_ruleset = ruleset
 
     # ------------------------------------------------------------------ status
     async def read_counters(self) -> None:

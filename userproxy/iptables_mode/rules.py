@@ -139,7 +139,7 @@ def _service_port(rs: Ruleset, entry: Backed, config: KernelConfig) -> None:
     ips += [(ip, "loadbalancer IP", True) for ip in port.load_balancer_ips_of(Family.IPv4)]
     if not entry.endpoints:
         for ip, _, _ in ips:
-            _add(rs, FILTER, SERVICES, "-d", f"{ip}/32", *_match(port, port.port),
+            _add(rs, FILTER, SERVICES, "-d", port.family.host_cidr(ip), *_match(port, port.port),
                  comment=f"{name} has no endpoints", to=REJECT)  # fmt: skip
         if port.node_port:
             _add(rs, FILTER, EXTERNAL_SERVICES, "-m", "addrtype", "--dst-type", "LOCAL",
@@ -147,7 +147,7 @@ def _service_port(rs: Ruleset, entry: Backed, config: KernelConfig) -> None:
                  to=REJECT)  # fmt: skip
         return
     for ip, what, masquerade in ips:
-        dst = ("-d", f"{ip}/32", *_match(port, port.port))
+        dst = ("-d", port.family.host_cidr(ip), *_match(port, port.port))
         if masquerade:
             _add(rs, NAT, SERVICES, *dst, comment=f"{name} {what}", to=Target(MARK_MASQ))
         _add(rs, NAT, SERVICES, *dst, comment=f"{name} {what}", to=Target(svc))
@@ -175,7 +175,7 @@ def _balance(rs: Ruleset, entry: Backed, svc: str, name: str) -> None:
              to=Target(sep))  # fmt: skip
     for sep, ep in zip(seps, endpoints, strict=True):
         rs.declare(NAT, sep)
-        _add(rs, NAT, sep, "-s", f"{ep.ip}/32", comment=name, to=Target(MARK_MASQ))
+        _add(rs, NAT, sep, "-s", ep.family.host_cidr(ep.ip), comment=name, to=Target(MARK_MASQ))
         remember = ("-m", "recent", "--name", sep, "--mask", "255.255.255.255", "--rsource",
                     "--set") if affinity.client_ip else ()  # fmt: skip
         proto = port.protocol.value.lower()

@@ -163,7 +163,6 @@ class Reflector:
         self.resource_version: str | None = None
         self.synced = False
         self.relists = 0
-        self.rewatches = 0
 
     # ------------------------------------------------------------------ requests
     async def _request(self, timeout: aiohttp.ClientTimeout, **params: Any) -> Any:
@@ -266,7 +265,6 @@ class Reflector:
                     self.relists += 1
                 started = loop.time()
                 events = await self.watch()
-                self.rewatches += 1
                 if events or loop.time() - started > 1:
                     backoff.reset()
                     continue
@@ -349,7 +347,6 @@ class KubeSource:
             )
             for resource in watched(use_endpoints)
         ]
-        self._tasks: list[asyncio.Task[None]] = []
 
     @property
     def server(self) -> str:

@@ -47,9 +47,3 @@ class PortStats:
         if counters is None:
             counters = self.endpoints[endpoint] = EndpointCounters()
         return counters
-
-    def per_endpoint(self) -> dict[Endpoint, CountersSnapshot]:
-        return {ep: snapshot(c) for ep, c in self.endpoints.items()}
-
-    def totals(self) -> CountersSnapshot:
-        return sum((snapshot(c) for c in self.endpoints.values()), CountersSnapshot())

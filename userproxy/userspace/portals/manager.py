@@ -18,7 +18,6 @@ import structlog
 
 from userproxy.iptables.chains import ChainSync
 from userproxy.iptables.interface import RulesError
-from userproxy.iptables.rule import Ruleset
 from userproxy.iptables.writer import RuleWriter
 from userproxy.model import Protocol, ServicePort, ServicePortName
 from userproxy.userspace.portals import backends
@@ -72,7 +71,6 @@ class PortalManager:
         self._builder = RuleBuilder(config)
         self.claims: dict[ClaimKey, _Claim] = {}
         self._node_port_errors: dict[ServicePortName, str] = {}
-        self.last_ruleset: Ruleset | None = None
 
     # ------------------------------------------------------------------ Portals protocol
     async def sync(self, active: Sequence[ActivePort]) -> None:
@@ -84,7 +82,6 @@ class PortalManager:
             for a in active
         )
         await self.writer.write(lambda full: self.chains.apply(ruleset, full=full))
-        self.last_ruleset = ruleset
 
     async def port_removed(self, port: ServicePort) -> None:
         if port.protocol is Protocol.UDP:

@@ -159,11 +159,11 @@ def port_rules(entry: PortalPort, config: PortalConfig) -> list[Rule]:
     rules: list[Rule] = []
     for ip in (port.cluster_ip, *port.load_balancer_ips_of(Family.IPv4)):
         rules += [
-            _rule(PORTALS_CONTAINER, container, port, port.port, dst=f"{ip}/32"),
-            _rule(PORTALS_HOST, host, port, port.port, dst=f"{ip}/32"),
+            _rule(PORTALS_CONTAINER, container, port, port.port, dst=port.family.host_cidr(ip)),
+            _rule(PORTALS_HOST, host, port, port.port, dst=port.family.host_cidr(ip)),
         ]
     for ip in port.external_ips_of(Family.IPv4):
-        dst = f"{ip}/32"
+        dst = port.family.host_cidr(ip)
         rules += [
             _rule(PORTALS_CONTAINER, container, port, port.port, dst=dst, physdev_not_in=True),
             _rule(PORTALS_CONTAINER, container, port, port.port, dst=dst, addrtype_local=True),
