@@ -279,22 +279,22 @@ class Reflector:
                 if err.code == 410:
                     self.resource_version = None
                     continue
-                delay = backoff.next()
-                log.warning(
-                    "The API server refused a request; retrying.",
-                    kind=self.resource.kind,
-                    reason=str(err),
-                    retry_in=round(delay, 2),
+                delay = self._retry_later(
+                    "The API server refused a request; retrying.", str(err), backoff
                 )
             except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as err:
-                delay = backoff.next()
-                log.warning(
+                delay = self._retry_later(
                     "Lost the connection to the API server; serving the last known state.",
-                    kind=self.resource.kind,
-                    reason=_describe(err),
-                    retry_in=round(delay, 2),
+                    _describe(err),
+                    backoff,
                 )
             await asyncio.sleep(delay)
+
+    def _retry_later(self, message: str, reason: str, backoff: Backoff) -> float:
+        """Log why the loop pauses, and for how long; the seconds to wait."""
+        delay = backoff.next()
+        log.warning(message, kind=self.resource.kind, reason=reason, retry_in=round(delay, 2))
+        return delay
 
 
 def _describe(err: BaseException) -> str:

@@ -42,6 +42,7 @@ from userproxy.userspace.stats import PortStats, snapshot
 from userproxy.userspace.steering import steer_by_client_ip
 from userproxy.userspace.tcp import ClientSide, TcpProxy, abort_all
 from userproxy.userspace.udp import UdpProxy
+from userproxy.userspace.wire import DataPlane
 
 log = structlog.get_logger("userproxy.userspace.proxier")
 
@@ -49,10 +50,6 @@ log = structlog.get_logger("userproxy.userspace.proxier")
 BIND_ATTEMPTS = 8
 #: A sync that opens more service ports than this logs them in one line (each at debug).
 LOG_EACH_PORT_UP_TO = 20
-
-
-#: Per served service port: the port, its proxy port and its endpoints (what workers follow).
-DataPlane = list[tuple[ServicePort, int, list[Endpoint]]]
 
 
 class Followers(TypingProtocol):

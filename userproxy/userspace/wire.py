@@ -13,6 +13,7 @@ import json
 from userproxy.model import Affinity, Endpoint, Protocol, ServicePort, ServicePortName
 from userproxy.provider import Counters, CountersSnapshot
 
+#: Per served service port: the port, its proxy port and its endpoints (what workers follow).
 DataPlane = list[tuple[ServicePort, int, list[Endpoint]]]
 
 

@@ -26,13 +26,7 @@ import structlog
 from userproxy import logs, tasks
 from userproxy.provider import Counters
 from userproxy.settings import Settings, from_data, to_data
-from userproxy.userspace.wire import (
-    DataPlane,
-    decode_counters,
-    decode_state,
-    encode_counters,
-    encode_state,
-)
+from userproxy.userspace import wire
 
 log = structlog.get_logger("userproxy.workers")
 
@@ -60,7 +54,7 @@ class WorkerPool:
         self._workers = [_Worker(i) for i in range(1, count)]
         self._supervisors: list[asyncio.Task[None]] = []
         self._pending: asyncio.Handle | None = None
-        self._state: Callable[[], DataPlane] = list
+        self._state: Callable[[], wire.DataPlane] = list
         self._stopping = False
         #: Workers started, replacements included.
         self.spawned = 0
@@ -85,7 +79,7 @@ class WorkerPool:
         worker.reader, worker.writer = await asyncio.open_connection(sock=ours)
         # The first line is the settings, as data; then data-plane snapshots.
         worker.writer.write(json.dumps(to_data(self.settings)).encode() + b"\n")
-        worker.writer.write(encode_state(self._state()))
+        worker.writer.write(wire.encode_state(self._state()))
         self.spawned += 1
 
     async def _supervise(self, worker: _Worker) -> None:
@@ -96,7 +90,7 @@ class WorkerPool:
             started = loop.time()
             assert worker.reader is not None and worker.proc is not None
             while line := await worker.reader.readline():
-                worker.counters = decode_counters(line)
+                worker.counters = wire.decode_counters(line)
             code = await worker.proc.wait()
             worker.counters = {}
             if worker.writer is not None:
@@ -114,7 +108,7 @@ class WorkerPool:
             await asyncio.sleep(delay)
             await self._spawn(worker)
 
-    def publish(self, state: Callable[[], DataPlane]) -> None:
+    def publish(self, state: Callable[[], wire.DataPlane]) -> None:
         """Send the data plane soon (once per loop turn, however many changes)."""
         self._state = state
         if self._pending is None:
@@ -122,7 +116,7 @@ class WorkerPool:
 
     def _send(self) -> None:
         self._pending = None
-        line = encode_state(self._state())
+        line = wire.encode_state(self._state())
         for worker in self._workers:
             if worker.writer is not None and not worker.writer.is_closing():
                 worker.writer.write(line)
@@ -179,12 +173,12 @@ async def run_worker(channel_fd: int) -> int:
                 str(sp.name): {e.endpoint: e.counters for e in sp.endpoints if e.counters}
                 for sp in proxier.status().service_ports
             }
-            writer.write(encode_counters(counters))
+            writer.write(wire.encode_counters(counters))
 
     reporter = tasks.guarded(report(), name="worker-report")
     try:
         while line := await reader.readline():
-            await proxier.follow(decode_state(line))
+            await proxier.follow(wire.decode_state(line))
     finally:
         await tasks.stop_all([reporter])
         await proxier.close()
