@@ -1,0 +1,1 @@
+"""Test doubles for the proxy's side effects (`fakes.py`), for embedders' tests and ours."""
