@@ -27,6 +27,7 @@ from userproxy import logs, tasks
 from userproxy.provider import Counters
 from userproxy.settings import Settings, from_data, to_data
 from userproxy.userspace import wire
+from userproxy.userspace.proxier import Proxier
 
 log = structlog.get_logger("userproxy.workers")
 
@@ -155,8 +156,6 @@ class WorkerPool:
 async def run_worker(channel_fd: int) -> int:
     """A worker: read the settings, then follow the leader's snapshots with listeners and
     balancers of its own."""
-    from userproxy.userspace.proxier import Proxier
-
     sock = socket.socket(fileno=channel_fd)
     reader, writer = await asyncio.open_connection(sock=sock)
     first = await reader.readline()
