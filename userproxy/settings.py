@@ -208,9 +208,6 @@ class Settings:
     def min_sync_period(self) -> float:
         return self.iptables.min_sync_period
 
-    def replace(self, **changes: Any) -> Settings:
-        return dataclasses.replace(self, **changes)
-
 
 def ProxySettings(
     *,

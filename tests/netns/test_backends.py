@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.netns.topology import inside
+from tests.netns.topology import bare, inside
 from userproxy import main
 from userproxy.iptables.chains import ChainSync
 from userproxy.iptables.exec import ExecIptables
@@ -35,7 +35,6 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
 ]
 CONFIG = PortalConfig(bind_address="0.0.0.0", host_ip="192.168.50.1")
-_seq = itertools.count()
 
 MAKERS: dict[str, tuple[Variant, Callable[[], ChainSync]]] = {
     "restore-legacy": ("legacy", lambda: backends.portal_sync(ExecIptables("legacy"))),
@@ -46,10 +45,8 @@ MAKERS: dict[str, tuple[Variant, Callable[[], ChainSync]]] = {
 
 @pytest.fixture
 def netns() -> Iterator[str]:
-    name = f"upt{os.getpid() % 100000}-b{next(_seq)}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    yield name
-    subprocess.run(["ip", "netns", "del", name], check=False)
+    with bare("b") as name:
+        yield name
 
 
 @pytest.fixture(params=sorted(MAKERS))
@@ -106,13 +103,9 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Ruleset], l
     every backend's result is compared with, in iptables-save's own spelling."""
 
     def make(rules: Ruleset) -> list[str]:
-        name = f"upt{os.getpid() % 100000}-r{next(_seq)}"
-        subprocess.run(["ip", "netns", "add", name], check=True)
-        try:
+        with bare("r") as name:
             apply(name, "restore-legacy", rules)
             return owned(name, "legacy")
-        finally:
-            subprocess.run(["ip", "netns", "del", name], check=False)
 
     return make
 

@@ -4,14 +4,12 @@ both must agree on what is accepted and on the chains and rule counts that resul
 
 from __future__ import annotations
 
-import itertools
 import os
-import subprocess
 from collections.abc import Iterator
 
 import pytest
 
-from tests.netns.topology import inside
+from tests.netns.topology import bare, inside
 from userproxy.iptables.exec import ExecIptables
 from userproxy.iptables.interface import Iptables, RulesError
 from userproxy.iptables.text import flush_text, parse_batch
@@ -26,7 +24,6 @@ pytestmark = [
     pytest.mark.netns,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root for network namespaces"),
 ]
-_seq = itertools.count()
 CONFIG = PortalConfig(bind_address="0.0.0.0", host_ip="192.168.50.1")
 WEB = ServicePort(ServicePortName("default", "web", "http"), "10.96.0.10", 80, node_port=30080)
 API = ServicePort(ServicePortName("default", "api", "http"), "10.96.0.11", 80)
@@ -34,10 +31,8 @@ API = ServicePort(ServicePortName("default", "api", "http"), "10.96.0.11", 80)
 
 @pytest.fixture
 def netns() -> Iterator[str]:
-    name = f"upt{os.getpid() % 100000}-f{next(_seq)}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    yield name
-    subprocess.run(["ip", "netns", "del", name], check=False)
+    with bare("f") as name:
+        yield name
 
 
 def shape(iptables: Iptables) -> dict[str, dict[str, int]]:

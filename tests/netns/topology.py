@@ -81,6 +81,17 @@ def destroy(ns: dict[str, str]) -> None:
 
 
 @contextlib.contextmanager
+def bare(tag: str) -> Iterator[str]:
+    """An empty network namespace of this test process's, deleted afterwards."""
+    name = f"upt{os.getpid() % 100000}-{tag}{next(_seq)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@contextlib.contextmanager
 def inside(name: str) -> Iterator[None]:
     """Switch this thread into a namespace (sockets made here stay there). Never await inside."""
     here = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
