@@ -22,6 +22,11 @@ Network facts this code depends on:
   flow's datagrams arrive there: read with a plain `recv_into` (no address, no ancillary
   data, no flow lookup), and replies leave through it from the right source without
   IP_PKTINFO. Datagrams already queued on the service socket still reach the flow.
+- Between its bind and its connect, a client socket is the best match for *every* client of
+  that address and port, so other clients' datagrams can be queued on it; connecting does
+  not remove them. Until its queue has once been empty, a client socket is read with
+  `recvfrom_into` and each datagram goes to the flow of its real sender, so no datagram is
+  ever relayed for, or answered to, the wrong client.
 """
 
 from __future__ import annotations
@@ -61,8 +66,10 @@ class _Flow:
         "counters",
         "endpoint",
         "last_active",
+        "local",
         "reply_cmsg",
         "sock",
+        "strays_possible",
         "timer",
     )
 
@@ -85,6 +92,10 @@ class _Flow:
         self.timer: asyncio.TimerHandle | None = None
         #: Connected to the client, on the service port (see the module doc), if made.
         self.client_sock: socket.socket | None = None
+        #: The packed address the first datagram was received on (IPv4 wildcard sockets).
+        self.local: bytes | None = None
+        #: The client socket may still hold other clients' datagrams (see the module doc).
+        self.strays_possible = False
 
 
 class UdpProxy:
@@ -183,11 +194,20 @@ class UdpProxy:
                 return
             if flags & socket.MSG_TRUNC:
                 continue
-            flow = flows.get(client) or self._open_flow(client, ancillary)
+            flow = flows.get(client)
             if flow is None:
+                self._relay_new(client, size, ancillary, now)
                 continue
             flow.last_active = now
             self._to_endpoint(flow, size)
+
+    def _relay_new(
+        self, client: Address, size: int, ancillary: list[tuple[int, int, bytes]], now: float
+    ) -> None:
+        """A new client's first datagram: open its flow, relay, then give it a client socket."""
+        flow = self._open_flow(client, ancillary)
+        if flow is not None and self._to_endpoint(flow, size) and flow.local is not None:
+            self._attach_client_socket(flow, flow.local)
 
     def _open_flow(self, client: Address, ancillary: list[tuple[int, int, bytes]]) -> _Flow | None:
         for attempt in range(DIAL_ATTEMPTS):
@@ -228,12 +248,16 @@ class UdpProxy:
         counters.total += 1
         self.loop.add_reader(sock.fileno(), self._on_replies, flow)
         flow.timer = self.loop.call_later(self.idle_timeout, self._check_idle, flow)
-        local = self._received_on(ancillary)
-        if local is not None:
-            flow.client_sock = self._client_socket(local, client)
-            if flow.client_sock is not None:
-                self.loop.add_reader(flow.client_sock.fileno(), self._on_client_datagrams, flow)
+        flow.local = self._received_on(ancillary)
         return flow
+
+    def _attach_client_socket(self, flow: _Flow, local: bytes) -> None:
+        """Once the flow's first datagram is on its way: the flow's client socket."""
+        flow.local = None  # attempted once
+        flow.client_sock = self._client_socket(local, flow.client)
+        if flow.client_sock is not None:
+            flow.strays_possible = True
+            self.loop.add_reader(flow.client_sock.fileno(), self._on_client_datagrams, flow)
 
     def _received_on(self, ancillary: list[tuple[int, int, bytes]]) -> bytes | None:
         """The (post-NAT) address a datagram was delivered to, from its IP_PKTINFO."""
@@ -269,6 +293,9 @@ class UdpProxy:
         client_sock = flow.client_sock
         if client_sock is None:
             return
+        if flow.strays_possible:
+            self._sort_strays(flow, client_sock)
+            return
         buffer = self._buffer
         flow.last_active = self.loop.time()
         for _ in range(READ_BATCH):
@@ -281,6 +308,30 @@ class UdpProxy:
                 self._close_flow(flow)
                 return
             if not self._to_endpoint(flow, size):
+                return
+
+    def _sort_strays(self, flow: _Flow, client_sock: socket.socket) -> None:
+        """Read with the sender's address, relaying each datagram on its sender's flow, until
+        the queue is empty once: from then on only the flow's client can be in it."""
+        now = self.loop.time()
+        local = client_sock.getsockname()[0]
+        received_on = [(socket.SOL_IP, IP_PKTINFO, _PKTINFO.pack(0, b"", socket.inet_aton(local)))]
+        for _ in range(READ_BATCH):
+            try:
+                size, sender = client_sock.recvfrom_into(self._buffer)
+            except (BlockingIOError, InterruptedError):
+                flow.strays_possible = False
+                return
+            except OSError:
+                self._close_flow(flow)
+                return
+            owner = self.flows.get(sender)
+            if owner is None:
+                self._relay_new(sender, size, received_on, now)
+            else:
+                owner.last_active = now
+                self._to_endpoint(owner, size)
+            if flow.client_sock is None:  # this flow closed while relaying
                 return
 
     def _to_endpoint(self, flow: _Flow, size: int) -> bool:
