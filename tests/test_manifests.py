@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,75 @@ def test_missing_path_is_an_error(tmp_path: Path) -> None:
 
     with pytest.raises(ManifestError, match="no such file"):
         manifest_files(tmp_path / "nope")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "kind: Service\nmetadata: {creationTimestamp: 2024-02-30}\n",  # ValueError in PyYAML
+        "kind: Service\nspec: {ports: [{port: !!int abc}]}\n",
+        "kind: Service\nspec: {x: !!bool maybe}\n",  # KeyError in PyYAML
+        "kind: Service\nspec: " + "[" * 5000 + "]" * 5000 + "\n",  # RecursionError
+    ],
+)
+def test_impossible_values_are_a_manifest_error_naming_the_document(
+    tmp_path: Path, text: str
+) -> None:
+    f = tmp_path / "odd.yaml"
+    f.write_text(
+        service("ok", cluster_ip="10.96.0.1", ports=[("", 80)]).__repr__() + "\n---\n" + text
+    )
+    with pytest.raises(ManifestError, match=r"odd\.yaml: document 1"):
+        load_file(f)
+
+
+def test_a_list_whose_items_are_not_a_list_is_skipped(tmp_path: Path) -> None:
+    f = tmp_path / "list.yaml"
+    write(f, {"kind": "List", "items": 5}, service("a", cluster_ip="10.96.0.1", ports=[("", 80)]))
+    with capture_logs() as logs:
+        assert [o["metadata"]["name"] for o, _ in load_file(f)] == ["a"]
+    assert any("items are not a list" in e["event"] for e in logs)
+
+
+def test_a_path_that_cannot_be_read_is_a_manifest_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from userproxy.sources.manifests import manifest_files
+
+    def out_of_descriptors(self: Path, pattern: str) -> object:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(Path, "rglob", out_of_descriptors)
+    with pytest.raises(ManifestError, match="Too many open files"):
+        manifest_files(tmp_path)
+
+
+async def test_the_watch_survives_a_scan_that_fails_and_logs_it_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from userproxy.sources import manifests
+
+    f = tmp_path / "svc.yaml"
+    write(f, service("a", cluster_ip="10.96.0.1", ports=[("", 80)]))
+    async with UserProxy(loopback_settings()) as proxy:
+        source = ManifestSource(tmp_path, proxy.router, poll_interval=0.01)
+        source.load()
+        real, failures = manifests.manifest_files, 0
+
+        def flaky(path: Path) -> list[Path]:
+            nonlocal failures
+            if failures < 20:
+                failures += 1
+                raise ManifestError(f"{path}: Too many open files")
+            return real(path)
+
+        monkeypatch.setattr(manifests, "manifest_files", flaky)
+        watch = asyncio.ensure_future(source.watch())
+        with capture_logs() as logs:
+            await wait_for(lambda: failures == 20, 5, "the failing scans")
+            write(f, service("b", cluster_ip="10.96.0.2", ports=[("", 80)]))
+            await wait_for(lambda: source.loads == 2, 5, "the reload after the fault")
+        watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)
+    errors = [e for e in logs if e["log_level"] == "error"]
+    assert len(errors) == 1 and "Too many open files" in errors[0]["reason"]

@@ -21,6 +21,7 @@ from userproxy.model import (
     Affinity,
     Endpoint,
     EndpointInfo,
+    Family,
     Protocol,
     ServicePort,
     ServicePortName,
@@ -97,14 +98,31 @@ def _ip(value: Any, *, what: str) -> str:
 
 
 def _protocol(value: Any) -> Protocol | str:
-    """The port's protocol, or the refusal sentence for one the userspace proxy cannot carry."""
-    name = str(value or "TCP").upper()
+    """The port's protocol, or the refusal sentence for one the userspace proxy cannot carry.
+    As in the API, the names are case-sensitive: `tcp` is not TCP."""
+    name = "TCP" if value is None or value == "" else value
     if name == "SCTP":
         return "SCTP is not supported by the userspace proxy"
-    try:
+    if name in ("TCP", "UDP"):
         return Protocol(name)
-    except ValueError:
-        return f"unknown protocol {value!r}"
+    return f"unknown protocol {value!r} (TCP, UDP or SCTP)"
+
+
+def _special_ip(ip: str) -> str | None:
+    """Why an address may not be an externalIP or an endpoint, as the API server says it:
+    unspecified, loopback, link-local and link-local multicast addresses are refused."""
+    address = ipaddress.ip_address(ip)
+    if address.is_unspecified:
+        return "is unspecified"
+    if address.is_loopback:
+        return "is in the loopback range"
+    if address.is_link_local:
+        return "is in the link-local range"
+    if address.is_multicast:
+        return "is a multicast address"
+    if address == ipaddress.IPv4Address("255.255.255.255"):
+        return "is the broadcast address"
+    return None
 
 
 def _affinity(spec: Obj) -> Affinity:
@@ -144,16 +162,23 @@ def service_ports(obj: Obj) -> ServiceResult:
 
 def _service_ports(*, namespace: str, name: str, spec: Obj, status: Any) -> ServiceResult:
     cluster_ip = _ip(spec["clusterIP"], what="clusterIP")
-    external_ips = tuple(_ip(ip, what="externalIP") for ip in spec.get("externalIPs") or ())
+    external_ips = tuple(_ip(ip, what="externalIP") for ip in _list(spec, "externalIPs"))
+    for ip in external_ips:
+        if reason := _special_ip(ip):
+            raise ValueError(f"externalIP {ip} {reason}")
     ingress = ((status or {}).get("loadBalancer") or {}).get("ingress") or ()
     affinity = _affinity(spec)
-    ports_spec = spec.get("ports") or ()
-    if not isinstance(ports_spec, list | tuple):
-        raise ValueError("spec.ports is not a list")
+    ports_spec = _list(spec, "ports")
     ports: list[ServicePort] = []
     problems: list[str] = []
+    names: set[str] = set()
     for raw in ports_spec:
-        port_name = str(raw.get("name") or "")
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"spec.ports has an entry that is not a mapping: {raw!r}")
+        port_name = _name(raw.get("name"), what="port name")
+        if port_name in names:
+            raise ValueError(f"spec.ports has two ports named {port_name!r}")
+        names.add(port_name)
         protocol = _protocol(raw.get("protocol"))
         if not isinstance(protocol, Protocol):
             problems.append(f"port {port_name or raw.get('port')!r}: {protocol}")
@@ -175,7 +200,25 @@ def _service_ports(*, namespace: str, name: str, spec: Obj, status: Any) -> Serv
 
 def _ingress_ips(ingress: Any) -> tuple[str, ...]:
     # Hostname-only ingress entries (AWS ELB style) have nothing to intercept locally.
+    if not isinstance(ingress, list | tuple):
+        raise ValueError("status.loadBalancer.ingress is not a list")
     return tuple(_ip(i["ip"], what="loadBalancer ingress ip") for i in ingress if i.get("ip"))
+
+
+def _list(obj: Obj, field: str, *, within: str = "spec.") -> list[Any] | tuple[Any, ...]:
+    value = obj.get(field) or ()
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"{within}{field} is not a list")
+    return value
+
+
+def _name(value: Any, *, what: str) -> str:
+    """An optional name: a string or nothing."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"{what} {value!r} is not a string")
+    return value
 
 
 # ----------------------------------------------------------------------------- endpoints
@@ -185,12 +228,19 @@ def endpoint_slice(obj: Obj) -> EndpointsResult:
     service = labels.get(SERVICE_NAME_LABEL)
     if not service:
         return EndpointsResult((namespace, ""), name, skipped="it has no service-name label")
+    if not isinstance(service, str):
+        raise InvalidObject(f"{describe(obj)}: label {SERVICE_NAME_LABEL} is not a string")
     address_type = obj.get("addressType", "IPv4")
+    if address_type == "FQDN":
+        return EndpointsResult((namespace, service), name, skipped="addressType FQDN")
     if address_type not in ("IPv4", "IPv6"):
-        return EndpointsResult((namespace, service), name, skipped=f"addressType {address_type}")
+        raise InvalidObject(f"{describe(obj)}: addressType {address_type!r} is not valid")
     try:
-        infos = [info for ep in obj.get("endpoints") or () for info in _slice_endpoint(ep)]
-        ports = _group_by_port(obj.get("ports") or (), infos)
+        infos = [info for ep in _list(obj, "endpoints", within="") for info in _slice_endpoint(ep)]
+        for ip, _, _ in infos:
+            if Family.of(ip).value != address_type:
+                raise ValueError(f"endpoint address {ip} is not of addressType {address_type}")
+        ports = _group_by_port(_list(obj, "ports", within=""), infos)
     except (ValueError, TypeError, AttributeError, KeyError) as err:
         raise InvalidObject(f"{describe(obj)}: {err}") from None
     return EndpointsResult((namespace, service), name, ports)

@@ -157,3 +157,36 @@ def test_usable_endpoints_prefer_ready_then_terminating() -> None:
     assert usable_endpoints(infos[2:]) == []
     assert usable_endpoints(infos, local_node="n2") == [b]
     assert usable_endpoints(infos, local_node="n3") == []
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda s: s["spec"]["ports"][0].update(protocol="tcp"), "unknown protocol 'tcp'"),
+        (lambda s: s["spec"].update(externalIPs=["0.0.0.0"]), "0.0.0.0 is unspecified"),
+        (lambda s: s["spec"].update(externalIPs=["255.255.255.255"]), "broadcast"),
+        (lambda s: s["spec"].update(externalIPs=["127.0.0.2"]), "loopback range"),
+        (lambda s: s["spec"].update(externalIPs=["169.254.169.254"]), "link-local range"),
+        (lambda s: s["spec"]["ports"].append(dict(s["spec"]["ports"][0])), "two ports named"),
+        (lambda s: s["spec"]["ports"][0].update(name=["x"]), "port name"),
+    ],
+)
+def test_what_the_api_server_would_refuse_is_refused(mutate: Any, message: str) -> None:
+    obj = service("web", cluster_ip="10.96.0.10", ports=[("http", 80)])
+    mutate(obj)
+    if "protocol" in message:  # a bad protocol refuses that port, not the Service
+        assert any(message in p for p in convert.service_ports(obj).problems)
+        return
+    with pytest.raises(convert.InvalidObject, match=message):
+        convert.service_ports(obj)
+
+
+def test_slices_refuse_a_wrong_family_or_a_non_string_service_label() -> None:
+    wrong = endpoint_slice("web", addresses=["fd00::1"], ports=[("http", 80)])
+    wrong["addressType"] = "IPv4"
+    with pytest.raises(convert.InvalidObject, match="not of addressType IPv4"):
+        convert.endpoint_slice(wrong)
+    odd = endpoint_slice("web", addresses=["10.0.0.1"], ports=[("http", 80)])
+    odd["metadata"]["labels"][convert.SERVICE_NAME_LABEL] = ["web"]
+    with pytest.raises(convert.InvalidObject, match="is not a string"):
+        convert.endpoint_slice(odd)

@@ -33,10 +33,13 @@ class ManifestError(ValueError):
 
 
 def manifest_files(path: Path) -> list[Path]:
-    if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
-    if path.exists():
-        return [path]
+    try:
+        if path.is_dir():
+            return sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
+        if path.exists():
+            return [path]
+    except OSError as err:  # unreadable, or out of descriptors (EMFILE)
+        raise ManifestError(f"{path}: {err.strerror or err}") from None
     raise ManifestError(f"{path}: no such file or directory")
 
 
@@ -44,9 +47,18 @@ def load_file(path: Path) -> Loaded:
     """The proxy-relevant objects of one file, each with its origin `file: document N`."""
     try:
         text = path.read_text(encoding="utf-8")
-        documents = list(yaml.safe_load_all(text))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+    except (OSError, UnicodeDecodeError) as err:
         raise ManifestError(f"{path}: {_first_line(err)}") from None
+    documents = []
+    try:
+        for document in yaml.safe_load_all(text):
+            documents.append(document)
+    except Exception as err:
+        # YAMLError, and what PyYAML's constructors raise for well-formed but impossible
+        # values (ValueError for a date like 2024-02-30 or `!!int abc`, KeyError for
+        # `!!bool maybe`, RecursionError for very deep nesting).
+        where = f"document {len(documents)}"
+        raise ManifestError(f"{path}: {where}: {_first_line(err) or type(err).__name__}") from None
     loaded: Loaded = []
     for index, doc in enumerate(documents):
         origin = f"{path}: document {index}"
@@ -66,7 +78,11 @@ def _objects(doc: Any, *, origin: str) -> Iterator[Mapping[str, Any]]:
         )
         return
     if doc.get("kind") == "List" or str(doc.get("kind", "")).endswith("List"):
-        for item in doc.get("items") or ():
+        items = doc.get("items") or ()
+        if not isinstance(items, list | tuple):
+            log.error("Skipped a List whose items are not a list.", origin=origin)
+            return
+        for item in items:
             yield from _objects(item, origin=origin)
     elif doc.get("kind") in KINDS:
         yield doc
@@ -102,6 +118,8 @@ class ManifestSource:
         self.on_change = on_change
         self._by_file: dict[Path, Loaded] = {}
         self._signature: Signature = ()
+        #: The path's last read failure, logged once while it lasts.
+        self._last_error = ""
         self.loads = 0
 
     def load(self) -> None:
@@ -129,10 +147,14 @@ class ManifestSource:
             try:
                 current = signature(manifest_files(self.path))
             except ManifestError as err:
-                log.error(
-                    "The manifest path is gone; keeping the current services.", reason=str(err)
-                )
+                if str(err) != self._last_error:
+                    log.error(
+                        "Cannot read the manifest path; keeping the current services.",
+                        reason=str(err),
+                    )
+                self._last_error = str(err)
                 continue
+            self._last_error = ""
             if current != self._signature:
                 log.info("Manifests changed; reloading.", path=str(self.path))
                 self.load()

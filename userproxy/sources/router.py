@@ -24,12 +24,18 @@ ObjectKey = tuple[str, str, str]  # kind, namespace, name
 KINDS = ("Service", "EndpointSlice", "Endpoints")
 
 
+def _metadata(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The object's metadata if it is a mapping (the converter refuses it otherwise)."""
+    md = obj.get("metadata")
+    return md if isinstance(md, Mapping) else {}
+
+
 def _version(obj: Mapping[str, Any]) -> str:
-    return str((obj.get("metadata") or {}).get("resourceVersion") or "")
+    return str(_metadata(obj).get("resourceVersion") or "")
 
 
 def object_key(obj: Mapping[str, Any]) -> ObjectKey:
-    md = obj.get("metadata") or {}
+    md = _metadata(obj)
     return (str(obj.get("kind")), str(md.get("namespace") or "default"), str(md.get("name")))
 
 
@@ -53,7 +59,11 @@ class ObjectRouter:
         self.changes: Counter[str] = Counter()
 
     def upsert(self, obj: Mapping[str, Any], *, origin: str = "") -> bool:
-        """Add or replace one object. Returns False (after logging why) if it was refused."""
+        """Add or replace one object. Returns False (after logging why) if it was refused;
+        nothing in the object can make it raise."""
+        if not isinstance(obj, Mapping):
+            self._refuse(origin, f"it is a {type(obj).__name__}, not a Kubernetes object")
+            return False
         key = object_key(obj)
         self.changes[key[0]] += 1
         version = _version(obj)
@@ -62,13 +72,18 @@ class ObjectRouter:
         try:
             self._upsert(key, obj)
         except convert.InvalidObject as err:
-            self.rejected += 1
-            log.error(
-                "Refused an object that cannot be served.", origin=origin or None, reason=str(err)
-            )
-            self.delete(key)
-            return False
-        return True
+            reason = str(err)
+        except Exception as err:  # a shape the converter did not foresee: still only refused
+            reason = f"{convert.describe(obj)}: cannot be read ({type(err).__name__}: {err})"
+        else:
+            return True
+        self._refuse(origin, reason)
+        self.delete(key)
+        return False
+
+    def _refuse(self, origin: str, reason: str) -> None:
+        self.rejected += 1
+        log.error("Refused an object that cannot be served.", origin=origin or None, reason=reason)
 
     def _upsert(self, key: ObjectKey, obj: Mapping[str, Any]) -> None:
         kind = key[0]
@@ -83,7 +98,8 @@ class ObjectRouter:
 
     def _service(self, key: ObjectKey, obj: Mapping[str, Any]) -> None:
         service = (key[1], key[2])
-        labels = (obj.get("metadata") or {}).get("labels") or {}
+        labels = _metadata(obj).get("labels")
+        labels = labels if isinstance(labels, Mapping) else {}
         if labels.get(convert.SERVICE_PROXY_NAME_LABEL) != self.proxy_name:
             self._routed[key] = _Routed(service, "")
             self.sink.on_service(service, None)
