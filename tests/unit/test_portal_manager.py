@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import pytest
 
+from tests.helpers import wait_for
 from userproxy.iptables.interface import RulesError
 from userproxy.iptables.rule import Rule, Target
 from userproxy.model import Protocol, ServicePort, ServicePortName
 from userproxy.testing.fakes import FakeClaimer, FakeConntrack, FakeIptables
 from userproxy.userspace.portals import backends
+from userproxy.userspace.portals.conntrack import delete_lines
 from userproxy.userspace.portals.interface import ActivePort
 from userproxy.userspace.portals.manager import PortalManager
 from userproxy.userspace.portals.rules import PortalConfig
@@ -158,13 +160,35 @@ async def test_node_port_clash_and_taken_port_affect_only_that_service() -> None
     assert rig.claimer.held == set()
 
 
-async def test_udp_port_removal_flushes_its_conntrack_entries() -> None:
+async def test_removed_udp_ports_are_flushed_in_one_batch_after_the_rule_write() -> None:
     rig = Rig()
-    dns = udp("dns", "10.96.0.53", 40005)
-    await rig.manager.port_removed(WEB.port)
-    await rig.manager.port_removed(dns.port)
-    assert rig.conntrack.flushed == [dns.port]
+    dns = [udp(f"dns{i}", f"10.96.1.{i}", 41000 + i) for i in range(1, 301)]
+    await rig.manager.sync([WEB, *dns])
+    for a in dns:
+        await rig.manager.port_removed(a.port)
+    await rig.manager.port_removed(WEB.port)  # TCP: nothing to flush
+    assert rig.conntrack.flushed == []  # not before the rules stop sending traffic there
+    rig.now = 1.0
+    await rig.manager.sync([WEB])
+    await wait_for(lambda: rig.conntrack.batches == 1, 2, "the flush")
+    assert rig.conntrack.flushed == [a.port for a in dns]
     await rig.manager.close()
+
+
+def test_the_conntrack_batch_names_every_address_of_a_port() -> None:
+    port = ServicePort(
+        ServicePortName("ns", "dns", "dns", Protocol.UDP),
+        "10.96.0.53",
+        53,
+        node_port=30053,
+        external_ips=("192.0.2.5", "2001:db8::5"),
+    )
+    assert delete_lines([port]) == [
+        "-D -p udp --orig-dst 10.96.0.53 --orig-port-dst 53",
+        "-D -p udp --orig-dst 192.0.2.5 --orig-port-dst 53",
+        "-D -f ipv6 -p udp --orig-dst 2001:db8::5 --orig-port-dst 53",
+        "-D -p udp --orig-port-dst 30053",
+    ]
 
 
 async def test_close_removes_only_what_its_backend_owns() -> None:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from userproxy.iptables.interface import RulesError, Variant
@@ -151,9 +152,11 @@ class FakeConntrack:
     """Records the UDP service ports whose conntrack entries were flushed."""
 
     flushed: list[ServicePort] = field(default_factory=list)
+    batches: int = 0
 
-    def flush_udp(self, port: ServicePort) -> None:
-        self.flushed.append(port)
+    def flush_udp(self, ports: Sequence[ServicePort]) -> None:
+        self.flushed.extend(ports)
+        self.batches += 1
 
 
 @dataclass

@@ -9,6 +9,7 @@ everything else is served.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import socket
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from userproxy import tasks
 from userproxy.iptables.chains import ChainSync
 from userproxy.iptables.interface import RulesError
 from userproxy.iptables.writer import RuleWriter
@@ -71,6 +73,9 @@ class PortalManager:
         self._builder = RuleBuilder(config)
         self.claims: dict[ClaimKey, _Claim] = {}
         self._node_port_errors: dict[ServicePortName, str] = {}
+        #: UDP ports removed since the last rule write, and the flush in flight.
+        self._stale_udp: list[ServicePort] = []
+        self._flushing: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ Portals protocol
     async def sync(self, active: Sequence[ActivePort]) -> None:
@@ -82,10 +87,23 @@ class PortalManager:
             for a in active
         )
         await self.writer.write(lambda full: self.chains.apply(ruleset, full=full))
+        self._flush_stale_udp()
 
     async def port_removed(self, port: ServicePort) -> None:
+        """A UDP port's conntrack entries are flushed once the next rule write has landed
+        (so no new packet can recreate them through the old rule), in the background."""
         if port.protocol is Protocol.UDP:
-            await self.writer.run(self.conntrack.flush_udp, port)
+            self._stale_udp.append(port)
+
+    def _flush_stale_udp(self) -> None:
+        if self._stale_udp and (self._flushing is None or self._flushing.done()):
+            self._flushing = tasks.guarded(self._flush(), name="conntrack-flush")
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._stale_udp:
+            ports, self._stale_udp = self._stale_udp, []
+            await loop.run_in_executor(None, self.conntrack.flush_udp, ports)
 
     def node_port_errors(self) -> dict[ServicePortName, str]:
         return dict(self._node_port_errors)
@@ -138,6 +156,8 @@ class PortalManager:
         for claim in self.claims.values():
             self.claimer.release(claim.handle)
         self.claims.clear()
+        if self._flushing is not None:
+            await tasks.stop_all([self._flushing])
         try:
             await self.writer.run(backends.cleanup, self.chains.iptables)
         except RulesError as err:
