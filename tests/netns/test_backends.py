@@ -203,3 +203,22 @@ def test_partial_updates_write_only_the_difference(
     with inside(netns):  # a partial update that cannot delete what it expects falls back
         backend.apply(ruleset(WEB), full=False)
     assert owned(netns, variant) == reference(ruleset(WEB))
+
+
+def test_reading_and_cleaning_never_creates_legacy_tables() -> None:
+    """On an nft node, detection, cleanup and `rules` read legacy only where it exists:
+    creating its tables would make every iptables-save on the node warn."""
+    from userproxy.iptables.detect import detect_variant, host_iptables
+
+    with bare("l") as name:
+        with inside(name):
+            assert detect_variant(host_iptables()) == "nft"
+            main.remove_rules()
+            main.owned_rules_text()
+            backends.portal_sync(ExecIptables("nft")).apply(ruleset(WEB))
+            main.remove_rules()
+        tables = subprocess.run(
+            ["ip", "netns", "exec", name, "cat", "/proc/net/ip_tables_names"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+    assert tables.split() == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 from userproxy.iptables.interface import RulesError, Variant
 from userproxy.model import Family
@@ -26,15 +27,30 @@ class ExecIptables:
     def available(self) -> bool:
         return shutil.which(self.name) is not None
 
+    def _holds(self, table: str) -> bool:
+        """Whether the table exists in this variant. Reading a legacy table that does not
+        exist yet creates it (the kernel loads it on first use), and from then on every
+        iptables-save on the node warns "iptables-legacy tables present": legacy tables are
+        only read once /proc says they exist."""
+        if self.variant != "legacy":
+            return True
+        names = "ip6_tables_names" if self.family is Family.IPv6 else "ip_tables_names"
+        try:
+            return table in Path("/proc/net", names).read_text().split()
+        except OSError:  # no legacy x_tables in this kernel or namespace at all
+            return False
+
     def save(self, table: str, *, counters: bool = False) -> str:
         tool = f"{self._tool}-save"
-        if shutil.which(tool) is None:
+        if shutil.which(tool) is None or not self._holds(table):
             return ""
         args = [tool, *(["-c"] if counters else []), "-t", table]
         result = subprocess.run(args, capture_output=True, text=True, check=False)
         return result.stdout if result.returncode == 0 else ""
 
     def list_rules(self, table: str, chain: str) -> str:
+        if not self._holds(table):
+            return ""  # the table, hence the chain, holds nothing yet
         args = [self._tool, "-w", LOCK_WAIT, "-t", table, "-S", chain]
         result = subprocess.run(args, capture_output=True, text=True, check=False)
         if result.returncode != 0:
