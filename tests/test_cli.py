@@ -6,7 +6,7 @@ import asyncio
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -222,3 +222,46 @@ def test_a_bad_config_file_names_the_field(tmp_path: Path) -> None:
     result = cli("run", "--config", str(source), "--manifests", str(tmp_path))
     assert result.returncode == 2
     assert "iptables.syncPeriod: invalid duration 'sometimes'" in result.stderr
+
+
+@pytest.fixture
+def in_process_cli(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The CLI run in this process configures logging for its captured streams: put the
+    configuration back afterwards, and pretend not to be root."""
+    import logging
+
+    import structlog
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    handlers = logging.getLogger().handlers[:]
+    config = structlog.get_config()
+    yield
+    logging.getLogger().handlers[:] = handlers
+    structlog.configure(**config)
+
+
+@pytest.mark.usefixtures("in_process_cli")
+@pytest.mark.parametrize("command", [["rules"], ["cleanup"], ["run", "--cleanup"]])
+def test_rules_and_cleanup_need_root(command: list[str]) -> None:
+    from click.testing import CliRunner
+
+    from userproxy.cli import main
+
+    result = CliRunner().invoke(main, command)
+    assert result.exit_code == 1
+    assert "needs root" in result.output
+
+
+@pytest.mark.usefixtures("in_process_cli")
+def test_portals_on_without_root_refuses_to_start(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from userproxy.cli import main
+
+    manifests = tmp_path / "svc.yaml"
+    manifests.write_text(yaml.safe_dump(service("web", cluster_ip="10.96.0.10", ports=[("", 80)])))
+    args = ["run", "--manifests", str(manifests), "--portals", "on", "--log-format", "json",
+            "--healthz-bind-address", "", "--metrics-bind-address", ""]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    assert "--portals on writes iptables rules: run it as root" in result.output

@@ -157,6 +157,8 @@ def test_the_daemonset_follows_kube_proxys_conventions() -> None:
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     lock = volumes[mounts["/run/xtables.lock"]]["hostPath"]
     assert lock == {"path": "/run/xtables.lock", "type": "FileOrCreate"}
+    instance = volumes[mounts["/run/userproxy"]]["hostPath"]
+    assert instance == {"path": "/run/userproxy", "type": "DirectoryOrCreate"}
     options = config.load(objects_by_kind()["ConfigMap"]["data"]["config.conf"])
     health_port = int(options["healthz_bind_address"].rsplit(":", 1)[1])
     assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": health_port}

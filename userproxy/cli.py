@@ -206,6 +206,12 @@ def main() -> None:
     help="Processes serving the data plane (SO_REUSEPORT; a client IP stays on one).",
 )
 @click.option("--cleanup", is_flag=True, help="Remove userproxy's iptables rules and exit.")
+@click.option(
+    "--instance-lock/--no-instance-lock",
+    default=True,
+    show_default=True,
+    help="Refuse to start while another userproxy manages this node's rules (/run/userproxy).",
+)
 @common_logging
 @click.pass_context
 def run(ctx: click.Context, /, **options: Any) -> None:
@@ -267,10 +273,18 @@ def merge_config_file(ctx: click.Context, options: dict[str, Any]) -> dict[str, 
     return merged
 
 
+def needs_root(what: str) -> None:
+    """`rules` and `cleanup` read and write iptables: without root they would see nothing
+    and say so as if nothing were there."""
+    if os.geteuid() != 0:
+        raise click.ClickException(f"{what} needs root (it reads the iptables rules)")
+
+
 def do_cleanup() -> int:
     from userproxy import main as composition
     from userproxy.iptables.interface import RulesError
 
+    needs_root("userproxy cleanup")
     try:
         removed = composition.remove_rules()
     except RulesError as err:
@@ -338,6 +352,7 @@ def rules() -> None:
     """Print the iptables rules userproxy owns (either mode), in iptables-save form."""
     from userproxy import main as composition
 
+    needs_root("userproxy rules")
     click.echo(composition.owned_rules_text(), nl=False)
 
 

@@ -18,6 +18,7 @@ import structlog
 
 from userproxy import modes, tasks
 from userproxy.app import UserProxy
+from userproxy.instance import InstanceLock
 from userproxy.iptables.detect import host_iptables
 from userproxy.provider import Provider, StartupError
 from userproxy.serving.servers import ServerError, Servers
@@ -33,11 +34,14 @@ EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 @contextlib.asynccontextmanager
 async def prepared(settings: Settings) -> AsyncIterator[UserProxy]:
     """A proxy with its provider and its health and metrics servers, not yet started."""
-    proxy = UserProxy(
-        settings,
-        proxy_name=settings.sources.service_proxy_name,
-        provider=make_provider(settings),
-    )
+    lock = InstanceLock() if settings.instance_lock else None
+    try:
+        provider = make_provider(settings, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    proxy = UserProxy(settings, proxy_name=settings.sources.service_proxy_name, provider=provider)
     servers = Servers(
         proxy,
         healthz_address=settings.healthz_bind_address,
@@ -50,6 +54,8 @@ async def prepared(settings: Settings) -> AsyncIterator[UserProxy]:
         if settings.bind_address_hard_fail:
             await servers.stop()
             await proxy.close_unstarted()
+            if lock is not None:
+                lock.release()
             raise StartupError(str(err)) from err
         log.error("Continuing without the server.", reason=str(err))
     try:
@@ -57,6 +63,8 @@ async def prepared(settings: Settings) -> AsyncIterator[UserProxy]:
     finally:
         await servers.stop()
         await proxy.close_unstarted()
+        if lock is not None:
+            lock.release()
 
 
 def configz(settings: Settings) -> dict[str, Any]:
@@ -67,11 +75,17 @@ def configz(settings: Settings) -> dict[str, Any]:
     return {k: v for k, v in to_options(settings).items() if k in wanted}
 
 
-def make_provider(settings: Settings) -> Provider:
+def make_provider(settings: Settings, lock: InstanceLock | None = None) -> Provider:
     """The provider of `settings.mode` (see `userproxy.modes`). Raises StartupError when the
-    host cannot run it as configured."""
+    host cannot run it as configured, or when another instance manages the rules."""
+
+    def take_over_rules() -> None:
+        if lock is not None:
+            lock.acquire()
+        remove_rules(keep=settings.mode)
+
     build: Callable[..., Provider] = modes.load(modes.MODES[settings.mode].provider)
-    return build(settings, remove_other_modes=lambda: remove_rules(keep=settings.mode))
+    return build(settings, take_over_rules=take_over_rules)
 
 
 def _rules_modules(keep: str | None = None) -> list[Any]:

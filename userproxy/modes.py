@@ -2,9 +2,9 @@
 
 Each mode names, as "module:function" strings imported only when needed (so a mode's
 dependencies load only when it runs):
-- `provider`: builds its `Provider` from the settings, given a callable that removes every
-  other mode's rules (called when the mode is about to write its own: a mode switch leaves
-  nothing behind);
+- `provider`: builds its `Provider` from the settings, given `take_over_rules`, to call when
+  the mode is about to write rules: it takes the instance lock (one instance per node) and
+  removes every other mode's rules (a mode switch leaves nothing behind);
 - `rules`: a module with `cleanup(iptables) -> int` and `owned_rules_text(iptables) -> str`,
   for `userproxy cleanup`, `userproxy rules` and mode switches.
 

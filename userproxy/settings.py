@@ -160,6 +160,10 @@ class Settings:
     udp_idle_timeout: float = 0.25
     """`udpIdleTimeout`, seconds: a UDP flow with no traffic either way for this long ends."""
 
+    instance_lock: bool = True
+    """`--instance-lock`: refuse to start while another instance manages this network
+    namespace's rules (see `userproxy.instance`); off only for tests that need two."""
+
     client_connection: ClientConnectionSettings = field(default_factory=ClientConnectionSettings)
     iptables: IPTablesSettings = field(default_factory=IPTablesSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
@@ -245,6 +249,7 @@ def ProxySettings(
 #: `userproxy run` option -> where it lives in Settings (section.field, or a root field).
 OPTIONS: dict[str, str] = {
     "proxy_mode": "mode",
+    "instance_lock": "instance_lock",
     "bind_address": "bind_address",
     "bind_address_hard_fail": "bind_address_hard_fail",
     "healthz_bind_address": "healthz_bind_address",

@@ -22,14 +22,14 @@ log = structlog.get_logger("userproxy")
 
 
 def make_provider(
-    settings: Settings, *, remove_other_modes: Callable[[], object]
+    settings: Settings, *, take_over_rules: Callable[[], object]
 ) -> IptablesProvider:
     if os.geteuid() != 0:
         raise StartupError("proxy-mode iptables writes kernel rules: run it as root")
     try:
         variant = choose_variant(settings.iptables.backend)
         writer = KernelRuleWriter(ExecIptables(variant))
-        remove_other_modes()  # the userspace mode's portals
+        take_over_rules()  # one instance per node; the userspace mode's portals go
         for other, host in host_iptables().items():
             if other != variant:
                 iptables_mode.cleanup(host)

@@ -21,8 +21,8 @@ from userproxy.userspace.workers import WorkerPool
 log = structlog.get_logger("userproxy")
 
 
-def make_provider(settings: Settings, *, remove_other_modes: Callable[[], object]) -> Proxier:
-    portals = make_portals(settings, remove_other_modes) if portals_wanted(settings) else None
+def make_provider(settings: Settings, *, take_over_rules: Callable[[], object]) -> Proxier:
+    portals = make_portals(settings, take_over_rules) if portals_wanted(settings) else None
     workers = settings.userspace.workers
     followers = WorkerPool(workers, settings) if workers > 1 else None
     return Proxier(settings=settings, portals=portals, followers=followers)
@@ -30,13 +30,17 @@ def make_provider(settings: Settings, *, remove_other_modes: Callable[[], object
 
 def portals_wanted(settings: Settings) -> bool:
     choice = settings.userspace.portals
-    if choice == "auto" and os.geteuid() != 0:
+    if choice == "off":
+        return False
+    if os.geteuid() != 0:
+        if choice == "on":
+            raise StartupError("--portals on writes iptables rules: run it as root")
         log.warning("Not root: running without portals; connect to the proxy ports.")
         return False
-    return choice != "off"
+    return True
 
 
-def make_portals(settings: Settings, remove_other_modes: Callable[[], object]) -> PortalManager:
+def make_portals(settings: Settings, take_over_rules: Callable[[], object]) -> PortalManager:
     """A portal manager on the chosen backend, after clearing what the other variant may hold
     from an earlier run (rules of both variants would both be evaluated by the kernel), and
     what an earlier run in iptables mode left (a mode switch leaves nothing behind)."""
@@ -47,15 +51,13 @@ def make_portals(settings: Settings, remove_other_modes: Callable[[], object]) -
         nodeport_cidrs=settings.nodeport_addresses,
     )
     try:
+        take_over_rules()
         iptables = backends.portal_iptables(settings.iptables.backend)
         for variant, host in host_iptables().items():
             if variant != iptables.variant:
                 backends.cleanup(host)
-        remove_other_modes()
     except RulesError as err:
-        raise StartupError(
-            f"cannot program iptables ({err}); run as root, or with --portals off"
-        ) from err
+        raise StartupError(f"cannot program iptables ({err})") from err
     return PortalManager(
         chains=backends.portal_sync(iptables),
         config=config,
