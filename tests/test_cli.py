@@ -265,3 +265,45 @@ def test_portals_on_without_root_refuses_to_start(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1
     assert "--portals on writes iptables rules: run it as root" in result.output
+
+
+@pytest.mark.usefixtures("in_process_cli")
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--healthz-bind-address", "garbage"], "healthz-bind-address: 'garbage' is not host:port"),
+        (["--metrics-bind-address", "name:80"], "'name' is not an IP address"),
+        (["--kubeconfig", "/x"], "give either --manifests or an API server"),
+        (["--nodeport-addresses", "notacidr"], "'notacidr' is not a CIDR"),
+    ],
+)
+def test_bad_flags_are_usage_errors_without_a_traceback(
+    args: list[str], message: str, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from userproxy.cli import main
+
+    manifests = tmp_path / "svc.yaml"
+    manifests.write_text("")
+    result = CliRunner().invoke(main, ["run", "--manifests", str(manifests), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.usefixtures("in_process_cli")
+def test_ls_with_a_bad_address_and_config_to_stdout(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from userproxy.cli import main
+
+    result = CliRunner().invoke(main, ["ls", "--address", "garbage"])
+    assert result.exit_code == 2 and "'garbage' is not host:port" in result.output
+    manifests = tmp_path / "svc.yaml"
+    manifests.write_text("")
+    args = ["run", "--manifests", str(manifests), "--udp-timeout", "5s", "--write-config-to", "-"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0
+    assert "udpIdleTimeout: 5s" in result.output
+    assert not (Path.cwd() / "-").exists()

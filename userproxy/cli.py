@@ -66,7 +66,7 @@ def common_logging(f: Callable[..., Any]) -> Callable[..., Any]:
         "--verbose",
         "verbosity",
         count=True,
-        help="More detail: -v info, -vv debug (klog-style levels).",
+        help="More detail: -v every port and change (debug), -vv also the API client's.",
     )(f)
     f = click.option(
         "--log-format",
@@ -94,7 +94,7 @@ def main() -> None:
 @click.option(
     "--write-config-to",
     type=click.Path(path_type=Path, dir_okay=False),
-    help="Write the effective configuration (file and flags) there and exit.",
+    help="Write the effective configuration (file and flags) there ('-': stdout) and exit.",
 )
 @click.option(
     "--manifests",
@@ -229,8 +229,12 @@ def run(ctx: click.Context, /, **options: Any) -> None:
     from userproxy.main import configz, serve
 
     if options["write_config_to"] is not None:
-        options["write_config_to"].write_text(config.dump(configz(settings)))
-        log.info("Wrote the configuration.", path=str(options["write_config_to"]))
+        text = config.dump(configz(settings))
+        if str(options["write_config_to"]) == "-":
+            click.echo(text, nl=False)
+        else:
+            options["write_config_to"].write_text(text)
+            log.info("Wrote the configuration.", path=str(options["write_config_to"]))
         sys.exit(0)
     connection = settings.client_connection
     if not (
@@ -331,9 +335,13 @@ def ls(address: str, as_json: bool) -> None:
     import urllib.request
 
     from userproxy.serving.status import render
+    from userproxy.settings import split_address
 
-    host, _, port = address.rpartition(":")
-    host = "127.0.0.1" if host in ("", "0.0.0.0") else host
+    try:
+        host, port = split_address(address)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--address") from None
+    host = "127.0.0.1" if host == "0.0.0.0" else f"[{host}]" if ":" in host else host
     url = f"http://{host}:{port}/status"
     try:
         with urllib.request.urlopen(url, timeout=5) as response:

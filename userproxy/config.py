@@ -32,8 +32,9 @@ def _string(field: str, value: Any) -> str:
 
 
 def _duration(field: str, value: Any) -> float:
+    text = _string(field, value)
     try:
-        return parse_duration(_string(field, value))
+        return parse_duration(text)
     except ValueError as err:
         raise ConfigError(f"{field}: {err}") from None
 
@@ -114,8 +115,8 @@ def load(text: str, *, source: str = "config") -> dict[str, Any]:
     """The `userproxy run` options a KubeProxyConfiguration document sets."""
     try:
         doc = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{source}: not valid YAML: {err}") from None
+    except Exception as err:  # YAMLError, and PyYAML's ValueError/KeyError on odd values
+        raise ConfigError(f"{source}: not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"{source}: expected a {KIND} mapping")
     if doc.get("apiVersion") != API_VERSION or doc.get("kind") != KIND:
@@ -124,12 +125,17 @@ def load(text: str, *, source: str = "config") -> dict[str, Any]:
             f"got {doc.get('apiVersion')}/{doc.get('kind')}"
         )
     options: dict[str, Any] = {}
-    for field, value in _flatten({k: v for k, v in doc.items() if k not in ("apiVersion", "kind")}):
-        if field in USED:
-            option, parse = USED[field]
-            options[option] = parse(field, value)
-        elif field not in IGNORED:
-            raise ConfigError(f"{source}: unknown field {field!r}")
+    try:
+        for field, value in _flatten(
+            {k: v for k, v in doc.items() if k not in ("apiVersion", "kind")}
+        ):
+            if field in USED:
+                option, parse = USED[field]
+                options[option] = parse(field, value)
+            elif field not in IGNORED:
+                raise ConfigError(f"unknown field {field!r}")
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
     return options
 
 

@@ -17,7 +17,9 @@ LogFormat = Literal["auto", "console", "json"]
 
 
 def level_for(verbosity: int) -> int:
-    return logging.INFO if verbosity <= 1 else logging.DEBUG
+    """0: what happened to services and the proxy (info); -v: every port and change (debug);
+    -vv: also the client libraries' debug."""
+    return logging.INFO if verbosity <= 0 else logging.DEBUG
 
 
 def configure(*, verbosity: int = 0, fmt: LogFormat = "auto") -> None:
@@ -59,4 +61,4 @@ def configure(*, verbosity: int = 0, fmt: LogFormat = "auto") -> None:
     root.setLevel(level)
     # Client libraries are chatty at INFO; keep them at WARNING unless asked for debug.
     for noisy in ("aiohttp.access", "kubernetes_asyncio"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if verbosity >= 4 else logging.WARNING)
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbosity >= 2 else logging.WARNING)

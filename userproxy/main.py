@@ -57,7 +57,7 @@ async def prepared(settings: Settings) -> AsyncIterator[UserProxy]:
             if lock is not None:
                 lock.release()
             raise StartupError(str(err)) from err
-        log.error("Continuing without the server.", reason=str(err))
+        log.error("Continuing without the server that cannot bind.", reason=str(err))
     try:
         yield proxy
     finally:

@@ -30,6 +30,19 @@ class SettingsError(ValueError):
     """A setting that cannot work; the message names the setting and says why."""
 
 
+def split_address(address: str) -> tuple[str, int]:
+    """`host:port`, `[v6]:port` or `:port` (all addresses); ValueError naming the input."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{address!r} is not host:port")
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"{address!r}: {host!r} is not an IP address") from None
+    return host, int(port)
+
+
 def default_node_name() -> str:
     """kube-proxy's rule: `--hostname-override`, else the hostname, lower-cased.
 
@@ -194,6 +207,21 @@ class Settings:
             )
         if self.udp_idle_timeout <= 0:
             raise SettingsError("udp-timeout must be greater than zero")
+        for flag, server in (
+            ("healthz-bind-address", self.healthz_bind_address),
+            ("metrics-bind-address", self.metrics_bind_address),
+        ):
+            if server:
+                try:
+                    split_address(server)
+                except ValueError as err:
+                    raise SettingsError(f"{flag}: {err}") from None
+        if self.sources.manifests and (
+            self.client_connection.kubeconfig or self.client_connection.master
+        ):
+            raise SettingsError(
+                "give either --manifests or an API server (--kubeconfig, --master), not both"
+            )
         node = (self.hostname_override or default_node_name()).strip().lower()
         object.__setattr__(self, "node_name", node)
         object.__setattr__(self, "bind_family", Family.of(str(address)))

@@ -76,3 +76,10 @@ def test_wrong_kind_or_yaml_is_refused() -> None:
 def test_dump_round_trips() -> None:
     options = config.load(FULL)
     assert config.load(config.dump(options)) == options
+
+
+def test_errors_name_the_file_and_the_field_once() -> None:
+    doc = f"apiVersion: {config.API_VERSION}\nkind: {config.KIND}\niptables: {{syncPeriod: 3}}\n"
+    with pytest.raises(config.ConfigError) as err:
+        config.load(doc, source="kp.yaml")
+    assert str(err.value) == "kp.yaml: iptables.syncPeriod: expected a string, got 3"

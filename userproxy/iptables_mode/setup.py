@@ -21,9 +21,7 @@ from userproxy.settings import Settings
 log = structlog.get_logger("userproxy")
 
 
-def make_provider(
-    settings: Settings, *, take_over_rules: Callable[[], object]
-) -> IptablesProvider:
+def make_provider(settings: Settings, *, take_over_rules: Callable[[], object]) -> IptablesProvider:
     if os.geteuid() != 0:
         raise StartupError("proxy-mode iptables writes kernel rules: run it as root")
     try:
@@ -34,7 +32,7 @@ def make_provider(
             if other != variant:
                 iptables_mode.cleanup(host)
     except RulesError as err:
-        raise StartupError(f"cannot program iptables ({err}); run as root") from err
+        raise StartupError(f"cannot program iptables ({err})") from err
     log.info("Running in iptables mode.", backend=writer.iptables.name)
     if _sysctl("net/ipv4/ip_forward") == "0":
         log.warning(

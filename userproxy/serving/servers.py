@@ -24,21 +24,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from userproxy.app import UserProxy
 from userproxy.serving import health, status
 from userproxy.serving.metrics import Metrics
+from userproxy.settings import split_address
 
 log = structlog.get_logger("userproxy.serving.servers")
 
 
 class ServerError(RuntimeError):
     pass
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """`host:port`, `[v6]:port` or `:port` (all addresses)."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ServerError(f"{address!r} is not host:port")
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port)
 
 
 class Servers:
@@ -63,10 +55,20 @@ class Servers:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        if self.healthz_address:
-            await self._serve("healthz", self.healthz_address, self._health_app())
-        if self.metrics_address:
-            await self._serve("metrics", self.metrics_address, self._metrics_app())
+        """Start both servers; one that cannot bind does not keep the other from starting
+        (raised, naming every one that failed, once both were tried)."""
+        failures = []
+        for name, address, app in (
+            ("healthz", self.healthz_address, self._health_app),
+            ("metrics", self.metrics_address, self._metrics_app),
+        ):
+            if address:
+                try:
+                    await self._serve(name, address, app())
+                except ServerError as err:
+                    failures.append(str(err))
+        if failures:
+            raise ServerError("; ".join(failures))
 
     async def stop(self) -> None:
         for runner in self._runners:
@@ -74,7 +76,10 @@ class Servers:
         self._runners.clear()
 
     async def _serve(self, name: str, address: str, app: web.Application) -> None:
-        host, port = split_address(address)
+        try:
+            host, port = split_address(address)
+        except ValueError as err:
+            raise ServerError(str(err)) from None
         runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=0.5)
         await runner.setup()
         site = web.TCPSite(runner, host, port, reuse_address=True)

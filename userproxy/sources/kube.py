@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -315,6 +316,9 @@ async def api_client(kubeconfig: str | None, master: str | None) -> client.ApiCl
     in-cluster service account, as kube-proxy decides."""
     configuration = client.Configuration()
     if kubeconfig:
+        if not await asyncio.to_thread(os.path.isfile, kubeconfig):
+            # The library would only say the file has no current-context.
+            raise OSError(f"{kubeconfig}: no such file")
         await config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
     elif not master:
         config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]

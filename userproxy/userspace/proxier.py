@@ -233,6 +233,15 @@ class Proxier:
         each = log.info if len(started) <= LOG_EACH_PORT_UP_TO else log.debug
         for runtime in started:
             port = runtime.port
+            if port.family is Family.IPv6:
+                log.warning(
+                    "The service port is IPv6, which userproxy does not serve yet: its "
+                    "ClusterIP is not reachable; only its proxy port answers.",
+                    service=str(port.name),
+                    cluster_ip=port.cluster_ip,
+                    proxy_port=runtime.proxy_port,
+                )
+                continue
             each(
                 "Serving the service port.",
                 service=str(port.name),
