@@ -28,6 +28,8 @@ import socket
 import struct
 from collections.abc import Callable
 
+from userproxy.userspace.tcpstate import PAUSED_CHECK_INTERVAL, connection_gone
+
 #: Bytes one direction of a relay moves on transports before it is handed to splice. The
 #: hand-over costs a few syscalls and two pipes; it pays off only for bulk transfers.
 SPLICE_AFTER = 1024 * 1024
@@ -51,7 +53,18 @@ def descriptor_budget() -> int:
 
 
 class _Direction:
-    __slots__ = ("count", "dst", "eof", "finished", "in_pipe", "pipe_r", "pipe_w", "reading", "src")
+    __slots__ = (
+        "check",
+        "count",
+        "dst",
+        "eof",
+        "finished",
+        "in_pipe",
+        "pipe_r",
+        "pipe_w",
+        "reading",
+        "src",
+    )
 
     def __init__(self, src: socket.socket, dst: socket.socket, count: Callable[[int], None]):
         self.src = src
@@ -64,6 +77,8 @@ class _Direction:
         self.eof = False
         self.reading = False
         self.finished = False
+        #: While blocked on its peer: the next look at whether `src` was reset meanwhile.
+        self.check: asyncio.TimerHandle | None = None
 
     def close_pipe(self) -> None:
         os.close(self.pipe_r)
@@ -131,9 +146,14 @@ class SpliceRelay:
                     direction.pipe_r, direction.dst.fileno(), direction.in_pipe, flags=_FLAGS
                 )
             except (BlockingIOError, InterruptedError):
-                # The peer's send queue is full: stop reading until it drains.
+                # The peer's send queue is full: stop reading until it drains (and look at
+                # the unread side now and then, see tcpstate).
                 self._stop_reading(direction)
                 self.loop.add_writer(direction.dst.fileno(), self._writable, direction)
+                if direction.check is None:
+                    direction.check = self.loop.call_later(
+                        PAUSED_CHECK_INTERVAL, self._check_blocked, direction
+                    )
                 return
             except OSError:
                 self.reset()
@@ -144,6 +164,17 @@ class SpliceRelay:
             self._finish(direction)
         elif not direction.reading and not self.closed:
             self._start_reading(direction)
+
+    def _check_blocked(self, direction: _Direction) -> None:
+        direction.check = None
+        if self.closed or direction.reading:
+            return
+        if connection_gone(direction.src):
+            self.reset()
+            return
+        direction.check = self.loop.call_later(
+            PAUSED_CHECK_INTERVAL, self._check_blocked, direction
+        )
 
     def _writable(self, direction: _Direction) -> None:
         if self.closed:
@@ -180,6 +211,8 @@ class SpliceRelay:
             self.loop.remove_reader(fd)
             self.loop.remove_writer(fd)
         for direction in self.directions:
+            if direction.check is not None:
+                direction.check.cancel()
             direction.close_pipe()
         self.client.close()
         self.backend.close()

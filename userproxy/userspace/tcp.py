@@ -41,6 +41,7 @@ from userproxy.userspace.splice import (
     take_socket,
 )
 from userproxy.userspace.stats import EndpointCounters, PortStats
+from userproxy.userspace.tcpstate import PAUSED_CHECK_INTERVAL, connection_gone
 
 log = structlog.get_logger("userproxy.tcp")
 
@@ -53,6 +54,7 @@ WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
+
 
 Clock = Callable[[], float]
 
@@ -69,7 +71,7 @@ def reset_transport(transport: asyncio.BaseTransport) -> None:
 class _Side(asyncio.Protocol):
     """What both sides of a relay share: EOF, loss and flow control towards the peer."""
 
-    __slots__ = ("closed", "eof", "handed_off", "moved", "peer", "transport")
+    __slots__ = ("closed", "eof", "handed_off", "moved", "paused_check", "peer", "transport")
 
     transport: asyncio.Transport
     peer: _Side | None
@@ -82,6 +84,9 @@ class _Side(asyncio.Protocol):
         self.moved = 0
         #: The connection now belongs to a SpliceRelay; this transport was let go.
         self.handed_off = False
+        #: While this side's reading is paused (its peer is back-pressured): the next look
+        #: at whether its connection was reset meanwhile.
+        self.paused_check: asyncio.TimerHandle | None = None
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -100,11 +105,34 @@ class _Side(asyncio.Protocol):
         peer = self.peer
         if peer is not None and not peer.closed:
             peer.transport.pause_reading()
+            if peer.paused_check is None:
+                peer.paused_check = asyncio.get_running_loop().call_later(
+                    PAUSED_CHECK_INTERVAL, peer.check_paused
+                )
 
     def resume_writing(self) -> None:
         peer = self.peer
         if peer is not None and not peer.closed:
+            if peer.paused_check is not None:
+                peer.paused_check.cancel()
+                peer.paused_check = None
             peer.transport.resume_reading()
+
+    def check_paused(self) -> None:
+        """Reading is paused: a reset from this side's peer would go unseen. Look."""
+        self.paused_check = None
+        if self.closed or self.handed_off:
+            return
+        if connection_gone(self.transport.get_extra_info("socket")):
+            self.tear_down()
+            return
+        self.paused_check = asyncio.get_running_loop().call_later(
+            PAUSED_CHECK_INTERVAL, self.check_paused
+        )
+
+    def tear_down(self) -> None:
+        """Reset both sides of the relay."""
+        raise NotImplementedError
 
     def _pass_on_loss(self, exc: Exception | None) -> None:
         self.closed = True
@@ -146,6 +174,9 @@ class BackendSide(_Side):
             return
         self._pass_on_loss(exc)
         self.client.finish()
+
+    def tear_down(self) -> None:
+        self.client.abort()
 
 
 class ClientSide(_Side):
@@ -289,6 +320,9 @@ class ClientSide(_Side):
         self.peer = self.dial = None
         if peer is not None:
             peer.peer = None
+
+    def tear_down(self) -> None:
+        self.abort()
 
     def abort(self) -> None:
         """Tear the relay down now (service removed or proxy stopping): reset both sides."""
