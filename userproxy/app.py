@@ -15,6 +15,7 @@ and the sync runner, and reads everything it reports from the provider's `status
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
@@ -24,7 +25,13 @@ import yaml
 
 from userproxy import tasks
 from userproxy.model import ServicePortName
-from userproxy.provider import CountersSnapshot, Provider, ProxyStatus, ServicePortStatus
+from userproxy.provider import (
+    CountersSnapshot,
+    Provider,
+    ProxyStatus,
+    RefusedObject,
+    ServicePortStatus,
+)
 from userproxy.runner import SyncRunner
 from userproxy.settings import Settings
 from userproxy.sources.router import ObjectRouter, object_key
@@ -113,13 +120,18 @@ class UserProxy:
 
     # ------------------------------------------------------------------ reading state
     def status(self) -> ProxyStatus:
-        """What is served now, with every counter this process and its workers keep."""
-        return self.provider.status()
+        """What is served now, with every counter this process and its workers keep, and the
+        objects that were refused."""
+        refused = tuple(
+            RefusedObject(kind, namespace, name, origin, reason)
+            for (kind, namespace, name), (origin, reason) in sorted(self.router.refused.items())
+        )
+        return dataclasses.replace(self.provider.status(), refused=refused)
 
     async def read_status(self) -> ProxyStatus:
         """`status()` with counters kept outside the process (the kernel's) read first."""
         await self.provider.read_counters()
-        return self.provider.status()
+        return self.status()
 
     def service_ports(self) -> list[ServicePortStatus]:
         return list(self.status().service_ports)

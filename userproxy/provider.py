@@ -83,6 +83,15 @@ class ServicePortStatus:
 
 
 @dataclass(frozen=True)
+class RefusedObject:
+    kind: str
+    namespace: str
+    name: str
+    origin: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class ProxyStatus:
     mode: str
     service_ports: tuple[ServicePortStatus, ...] = ()
@@ -90,6 +99,8 @@ class ProxyStatus:
     failed: tuple[tuple[ServicePortName, str], ...] = ()
     #: Service changes recorded and not yet applied by a sync.
     pending_service_changes: int = 0
+    #: Objects the sources gave that were refused, with where they came from and why.
+    refused: tuple[RefusedObject, ...] = ()
 
     def find(self, name: str | ServicePortName) -> ServicePortStatus | None:
         for sp in self.service_ports:

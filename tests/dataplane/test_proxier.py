@@ -246,5 +246,23 @@ async def test_proxy_port_range_is_used_and_released(backends: list[TcpBackend])
         assert [str(a.port.name) for a in proxy.service_ports()] == [f"{NS}/{NAME}:p"]
         assert "in use" in proxy.status().failed[0][1]
         await proxy.delete("Service", NAME, namespace=NS)
+        # The port is free again: the service port that could not have it is retried at the
+        # next sync without any change to its Service.
+        assert proxy.proxy_port(f"{NS}/other:p") == base
+        assert proxy.status().failed == ()
+        await proxy.delete("Service", "other", namespace=NS)
         await proxy.apply(svc(("p", 80)))
         assert proxy.proxy_port(f"{NS}/{NAME}:p") == base
+
+
+async def test_refused_objects_are_listed_in_the_status_until_fixed(proxy: UserProxy) -> None:
+    from userproxy.serving.status import render, to_json
+
+    bad = service("bad", namespace=NS, cluster_ip="10.96.0.300", ports=[("p", 80)])
+    await proxy.apply(bad)
+    [refused] = proxy.status().refused
+    assert (refused.kind, refused.namespace, refused.name) == ("Service", NS, "bad")
+    assert "10.96.0.300" in refused.reason and refused.origin == "UserProxy.apply"
+    assert f"!    Service {NS}/bad: refused:" in render(to_json(proxy.status()))
+    await proxy.apply(service("bad", namespace=NS, cluster_ip="10.96.0.30", ports=[("p", 80)]))
+    assert proxy.status().refused == ()

@@ -26,6 +26,14 @@ def to_json(status: ProxyStatus) -> Status:
         "mode": status.mode,
         "service_ports": [_port_json(sp) for sp in status.service_ports],
         "failed": [{"name": str(name), "reason": reason} for name, reason in status.failed],
+        "refused": [
+            {
+                "object": f"{r.kind} {r.namespace}/{r.name}",
+                "origin": r.origin or None,
+                "reason": r.reason,
+            }
+            for r in status.refused
+        ],
     }
 
 
@@ -119,4 +127,6 @@ def render(status: Status) -> str:
             )
     for failed in status["failed"]:
         lines.append(f"!    {failed['name']}: not served: {failed['reason']}")
+    for refused in status.get("refused", ()):
+        lines.append(f"!    {refused['object']}: refused: {refused['reason']}")
     return "\n".join(lines) + "\n"

@@ -55,6 +55,8 @@ class ObjectRouter:
         #: resourceVersion of each object last routed, so a relist skips unchanged objects.
         self._seen: dict[ObjectKey, str] = {}
         self.rejected = 0
+        #: Objects refused and not replaced or deleted since: (origin, reason) per object.
+        self.refused: dict[ObjectKey, tuple[str, str]] = {}
         #: Changes routed, per kind (kube-proxy's *_changes_total).
         self.changes: Counter[str] = Counter()
 
@@ -76,9 +78,11 @@ class ObjectRouter:
         except Exception as err:  # a shape the converter did not foresee: still only refused
             reason = f"{convert.describe(obj)}: cannot be read ({type(err).__name__}: {err})"
         else:
+            self.refused.pop(key, None)
             return True
         self._refuse(origin, reason)
         self.delete(key)
+        self.refused[key] = (origin, reason)
         return False
 
     def _refuse(self, origin: str, reason: str) -> None:
@@ -130,6 +134,7 @@ class ObjectRouter:
 
     def delete(self, key: ObjectKey) -> None:
         self._seen.pop(key, None)
+        self.refused.pop(key, None)
         routed = self._routed.pop(key, None)
         if routed is None:
             return
@@ -151,7 +156,7 @@ class ObjectRouter:
         wanted: dict[ObjectKey, tuple[Mapping[str, Any], str]] = {}
         for obj, origin in objects:
             wanted[object_key(obj)] = (obj, origin)
-        for key in set(self._routed) - set(wanted):
+        for key in (set(self._routed) | set(self.refused)) - set(wanted):
             if scope is None or key[0] in scope:
                 self.delete(key)
         for key, (obj, origin) in wanted.items():

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol as TypingProtocol
 
@@ -100,6 +100,8 @@ class Proxier:
         self.runtimes: dict[ServicePortName, PortRuntime] = {}
         #: Service ports whose listener could not be opened, with the reason.
         self.failed: dict[ServicePortName, str] = {}
+        #: Those service ports themselves, tried again at every sync.
+        self.unserved: dict[ServicePortName, ServicePort] = {}
         self.request_sync: Callable[[], None] = lambda: None
         self.followers = followers
         self._lock = asyncio.Lock()
@@ -144,8 +146,10 @@ class Proxier:
         connections that arrive in between wait in the listen backlog."""
         async with self._lock:
             bound: list[PortRuntime] = []
-            for key, (previous, current) in self.tracker.take().items():
+            changes = self.tracker.take()
+            for key, (previous, current) in changes.items():
                 await self._apply_change(key, names_of(previous), names_of(current), bound)
+            self._retry_unserved(changes.keys(), bound)
             self.balancer.cleanup_stale_sessions(self.clock())
             portals = await self._start_portal_sync()
             try:
@@ -192,21 +196,34 @@ class Proxier:
         if opened is not None:
             bound.append(opened)
 
+    def _retry_unserved(self, changed: Iterable[ServiceKey], bound: list[PortRuntime]) -> None:
+        """Service ports that could not get a proxy port are tried again at every sync (the
+        port range may have room again), not only when their Service changes."""
+        skip = set(changed)
+        for port in list(self.unserved.values()):
+            if port.name.service not in skip:
+                self._merge(port, bound)
+
     def _open(
         self, port: ServicePort, stats: PortStats, connections: set[ClientSide]
     ) -> PortRuntime | None:
         try:
             listener, proxy_port = self._listen(port, stats, connections)
         except (OSError, PortsExhausted) as err:
-            self._not_served(port.name, err)
+            self._not_served(port, err)
             return None
         self.failed.pop(port.name, None)
+        self.unserved.pop(port.name, None)
         runtime = self.runtimes[port.name] = PortRuntime(
             port, proxy_port, listener, stats, connections
         )
         return runtime
 
-    def _not_served(self, name: ServicePortName, err: Exception) -> None:
+    def _not_served(self, port: ServicePort, err: Exception) -> None:
+        name = port.name
+        self.unserved[name] = port
+        if self.failed.get(name) == str(err):
+            return  # said already; retried at every sync
         self.failed[name] = str(err)
         log.error(
             "Could not open a proxy port for the service port; it is not served.",
@@ -222,7 +239,7 @@ class Proxier:
             except OSError as err:
                 self.runtimes.pop(runtime.port.name, None)
                 self.allocator.release(runtime.proxy_port)
-                self._not_served(runtime.port.name, err)
+                self._not_served(runtime.port, err)
                 continue
             started.append(runtime)
         self._log_serving(started)
@@ -346,6 +363,7 @@ class Proxier:
 
     async def _remove(self, name: ServicePortName) -> None:
         self.failed.pop(name, None)
+        self.unserved.pop(name, None)
         self.balancer.delete_service(name)
         runtime = self.runtimes.pop(name, None)
         if runtime is None:
