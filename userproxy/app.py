@@ -24,6 +24,8 @@ import structlog
 import yaml
 
 from userproxy import tasks
+from userproxy.externalips import ExternalIPPolicy
+from userproxy.localaddrs import local_addresses
 from userproxy.model import ServicePortName
 from userproxy.provider import (
     CountersSnapshot,
@@ -58,9 +60,11 @@ class UserProxy:
         #: The proxy mode serving the traffic: the userspace proxier (with `portals`, when
         #: given) unless the caller built another.
         self.provider: Provider = provider or Proxier(settings=self.settings, portals=portals)
-        self.router = ObjectRouter(self.provider, proxy_name=proxy_name)
+        self.router = ObjectRouter(
+            self.provider, proxy_name=proxy_name, external_ips=self._external_ip_policy()
+        )
         self.runner = SyncRunner(
-            self.provider.sync,
+            self._sync,
             min_interval=self.settings.min_sync_period,
             max_interval=self.settings.sync_period,
         )
@@ -68,6 +72,16 @@ class UserProxy:
         #: The background sync loop, once started.
         self.sync_task: asyncio.Task[None] | None = None
         self._started = False
+
+    def _external_ip_policy(self) -> ExternalIPPolicy:
+        return ExternalIPPolicy(self.settings.external_ip_cidrs, local_addresses())
+
+    async def _sync(self) -> None:
+        # The node's addresses can change: look again before each sync, but only while some
+        # Service has externalIPs (reading them costs a /proc read).
+        if self.router.external_ips.has_external_ips:
+            self.router.set_external_ip_policy(self._external_ip_policy())
+        await self.provider.sync()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:

@@ -199,6 +199,12 @@ def main() -> None:
     help="CIDRs (comma-separated or repeated) whose addresses answer NodePorts.",
 )
 @click.option(
+    "--external-ip-cidrs",
+    multiple=True,
+    help="CIDRs (comma-separated or repeated) Service externalIPs must fall in; a node "
+    "address is served as an externalIP only when listed. Empty: any other address.",
+)
+@click.option(
     "--workers",
     type=click.IntRange(1, 64),
     default=1,

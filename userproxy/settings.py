@@ -167,6 +167,10 @@ class Settings:
     nodeport_addresses: tuple[str, ...] = ()
     """`nodePortAddresses`: CIDRs whose addresses answer NodePorts; empty means all."""
 
+    external_ip_cidrs: tuple[str, ...] = ()
+    """`--external-ip-cidrs`: externalIPs must fall in these CIDRs (empty: no such limit).
+    Another Service's ClusterIP is never one; a node address only when listed here."""
+
     port_range: PortRange | None = None
     """`portRange`: where proxy ports come from; None lets the kernel choose."""
 
@@ -284,6 +288,7 @@ OPTIONS: dict[str, str] = {
     "metrics_bind_address": "metrics_bind_address",
     "hostname_override": "hostname_override",
     "nodeport_addresses": "nodeport_addresses",
+    "external_ip_cidrs": "external_ip_cidrs",
     "proxy_port_range": "port_range",
     "udp_timeout": "udp_idle_timeout",
     "kubeconfig": "client_connection.kubeconfig",
@@ -334,8 +339,8 @@ def _convert(option: str, value: Any) -> Any:
     try:
         if option == "proxy_port_range":
             return parse_port_range(value)
-        if option == "nodeport_addresses":
-            return nodeport_cidrs(value)
+        if option in ("nodeport_addresses", "external_ip_cidrs"):
+            return cidrs(value, flag=option.replace("_", "-"))
     except ValueError as err:
         raise SettingsError(str(err)) from None
     if option == "manifests":
@@ -343,7 +348,7 @@ def _convert(option: str, value: Any) -> Any:
     return value
 
 
-def nodeport_cidrs(values: Any) -> tuple[str, ...]:
+def cidrs(values: Any, *, flag: str) -> tuple[str, ...]:
     """CIDRs from flag values (comma-separated or repeated), in normal form."""
     if isinstance(values, str):
         values = [values]
@@ -354,7 +359,7 @@ def nodeport_cidrs(values: Any) -> tuple[str, ...]:
                 try:
                     out.append(str(ipaddress.ip_network(cidr.strip(), strict=False)))
                 except ValueError:
-                    raise SettingsError(f"nodeport-addresses: {cidr!r} is not a CIDR") from None
+                    raise SettingsError(f"{flag}: {cidr!r} is not a CIDR") from None
     return tuple(out)
 
 

@@ -66,7 +66,9 @@ async def cluster(net: dict[str, str], tmp_path: Path, request: Any) -> AsyncIte
     try:
         proxy = await start_userproxy(
             net["node"], "--manifests", str(path), "--iptables-backend", request.param,
-            "--iptables-sync-period", "2s", "-v", on_event=note_port,
+            "--iptables-sync-period", "2s", "-v",
+            # The node's own address as an externalIP: refused unless allowed.
+            "--external-ip-cidrs", f"{topo.NODE_IP}/32", on_event=note_port,
         )  # fmt: skip
         procs.append(proxy)
         yield net, ports, proxy, path

@@ -16,6 +16,7 @@ import structlog
 
 from userproxy import convert
 from userproxy.changes import ServiceKey
+from userproxy.externalips import Emission, ExternalIPGuard, ExternalIPPolicy
 from userproxy.sources.handlers import SourceSink
 
 log = structlog.get_logger("userproxy.objects")
@@ -46,8 +47,16 @@ class _Routed:
 
 
 class ObjectRouter:
-    def __init__(self, sink: SourceSink, *, proxy_name: str | None = None) -> None:
+    def __init__(
+        self,
+        sink: SourceSink,
+        *,
+        proxy_name: str | None = None,
+        external_ips: ExternalIPPolicy | None = None,
+    ) -> None:
         self.sink = sink
+        #: Which externalIPs may be served, across Services (see `userproxy.externalips`).
+        self.external_ips = ExternalIPGuard(external_ips)
         #: `--service-proxy-name`: serve only Services carrying this proxy-name label value
         #: (None: serve the Services that carry no such label, like kube-proxy).
         self.proxy_name = proxy_name
@@ -106,7 +115,7 @@ class ObjectRouter:
         labels = labels if isinstance(labels, Mapping) else {}
         if labels.get(convert.SERVICE_PROXY_NAME_LABEL) != self.proxy_name:
             self._routed[key] = _Routed(service, "")
-            self.sink.on_service(service, None)
+            self._emit(self.external_ips.update(service, None))
             log.debug("Skipping a Service that belongs to another proxy.", service=key[1:])
             return
         result = convert.service_ports(obj)
@@ -118,7 +127,20 @@ class ObjectRouter:
                 "Not proxying a Service.", service=f"{key[1]}/{key[2]}", reason=result.skipped
             )
         self._routed[key] = _Routed(service, "")
-        self.sink.on_service(service, result.ports or None)
+        self._emit(self.external_ips.update(service, result.ports or None))
+
+    def _emit(self, emissions: list[Emission]) -> None:
+        for emission in emissions:
+            name = f"{emission.service[0]}/{emission.service[1]}"
+            for problem in emission.problems:
+                self.rejected += 1
+                log.error("Refused an externalIP; the rest of the Service is served.",
+                          service=name, reason=problem)  # fmt: skip
+            self.sink.on_service(emission.service, emission.ports)
+
+    def set_external_ip_policy(self, policy: ExternalIPPolicy) -> None:
+        """New allow list or node addresses: re-evaluate the Services with externalIPs."""
+        self._emit(self.external_ips.set_policy(policy))
 
     def _endpoints(self, key: ObjectKey, result: convert.EndpointsResult) -> None:
         before = self._routed.get(key)
@@ -140,7 +162,7 @@ class ObjectRouter:
             return
         self.changes[key[0]] += 1
         if key[0] == "Service":
-            self.sink.on_service(routed.service, None)
+            self._emit(self.external_ips.update(routed.service, None))
         else:
             self.sink.on_endpoints_deleted(routed.service, routed.source)
 
