@@ -27,6 +27,7 @@ import structlog
 from userproxy.balancer import RoundRobinBalancer
 from userproxy.changes import EndpointsCache, ServiceChangeTracker, ServiceKey, names_of
 from userproxy.convert import EndpointsResult
+from userproxy.localaddrs import local_addresses
 from userproxy.model import Endpoint, Family, Protocol, ServicePort, ServicePortName
 from userproxy.ports import PortAllocator, PortsExhausted, make_allocator
 from userproxy.provider import (
@@ -37,6 +38,7 @@ from userproxy.provider import (
     ServicePortStatus,
 )
 from userproxy.settings import Settings
+from userproxy.userspace.loops import OwnAddresses
 from userproxy.userspace.portals.interface import ActivePort, Portals
 from userproxy.userspace.stats import PortStats, snapshot
 from userproxy.userspace.steering import steer_by_client_ip
@@ -105,6 +107,10 @@ class Proxier:
         self.request_sync: Callable[[], None] = lambda: None
         self.followers = followers
         self._lock = asyncio.Lock()
+        #: Where this proxy answers (see `loops`), cached until the listeners change.
+        self._own: OwnAddresses | None = None
+        self._local_addresses = local_addresses() if settings.wildcard_bind else frozenset()
+        self._loops_reported: set[tuple[ServicePortName, Endpoint]] = set()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -146,6 +152,7 @@ class Proxier:
         connections that arrive in between wait in the listen backlog."""
         async with self._lock:
             bound: list[PortRuntime] = []
+            self._refresh_local_addresses()
             changes = self.tracker.take()
             for key, (previous, current) in changes.items():
                 await self._apply_change(key, names_of(previous), names_of(current), bound)
@@ -217,6 +224,7 @@ class Proxier:
         runtime = self.runtimes[port.name] = PortRuntime(
             port, proxy_port, listener, stats, connections
         )
+        self._own = None
         return runtime
 
     def _not_served(self, port: ServicePort, err: Exception) -> None:
@@ -360,6 +368,7 @@ class Proxier:
     def _close_listener(self, runtime: PortRuntime) -> None:
         runtime.listener.close_listener()
         self.allocator.release(runtime.proxy_port)
+        self._own = None
 
     async def _remove(self, name: ServicePortName) -> None:
         self.failed.pop(name, None)
@@ -383,13 +392,55 @@ class Proxier:
             runtime = self.runtimes.get(name)
             local = self.settings.node_name if runtime and runtime.port.internal_local else None
             had_endpoints = bool(self.balancer.endpoints(name))
-            endpoints = self.endpoints.endpoints(name, local_node=local)
+            endpoints = self._without_loops(name, self.endpoints.endpoints(name, local_node=local))
             if runtime is None and not endpoints and not self.balancer.has_service(name):
                 continue
             self.balancer.update_endpoints(name, endpoints)
             self._data_plane_changed()
             if runtime is not None and had_endpoints != bool(endpoints):
                 self.request_sync()
+
+    def _without_loops(self, name: ServicePortName, endpoints: list[Endpoint]) -> list[Endpoint]:
+        own = self._own_addresses()
+        kept = []
+        for endpoint in endpoints:
+            reason = own.loop(endpoint)
+            if reason is None:
+                kept.append(endpoint)
+            elif (name, endpoint) not in self._loops_reported:
+                self._loops_reported.add((name, endpoint))
+                log.error("Refused an endpoint that leads back into this proxy.",
+                          service=str(name), reason=reason)  # fmt: skip
+        return kept
+
+    def _refresh_local_addresses(self) -> None:
+        """A wildcard-bound proxy answers on every node address; they can change."""
+        if self.settings.wildcard_bind:
+            local = local_addresses()
+            if local != self._local_addresses:
+                self._local_addresses, self._own = local, None
+
+    def _own_addresses(self) -> OwnAddresses:
+        """Where this proxy answers, rebuilt only after the listeners changed."""
+        if self._own is None:
+            ports = [rt.port for rt in self.runtimes.values()]
+            portals = self.portals is not None
+            self._own = OwnAddresses(
+                local=self._local_addresses,
+                bind_address=None if self.settings.wildcard_bind else self.settings.bind_address,
+                proxy_ports=frozenset(rt.proxy_port for rt in self.runtimes.values()),
+                service_addresses=frozenset(
+                    (ip, p.port)
+                    for p in ports
+                    for ip in (p.cluster_ip, *p.external_ips, *p.load_balancer_ips)
+                )
+                if portals
+                else frozenset(),
+                node_ports=frozenset(p.node_port for p in ports if p.node_port)
+                if portals
+                else frozenset(),
+            )
+        return self._own
 
     # ------------------------------------------------------------------ queries and shutdown
     def active_ports(self) -> list[ActivePort]:
