@@ -34,7 +34,10 @@ def configure(*, verbosity: int = 0, fmt: LogFormat = "auto") -> None:
     renderer: structlog.typing.Processor = (
         structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
     )
-    tracebacks = [] if console else [structlog.processors.dict_tracebacks]
+    # Tracebacks as data, without the frames' local variables: locals can hold anything
+    # (tokens, whole objects) and a log must never carry credentials.
+    as_dict = structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+    tracebacks = [] if console else [structlog.processors.ExceptionRenderer(as_dict)]
     # userproxy's own events skip the logging module: a filtering bound logger writing
     # straight to stderr costs a fraction of the stdlib route (10,000 service ports log
     # 10,000 lines at startup).

@@ -362,6 +362,8 @@ class TcpProxy:
         self.dial_timeouts = dial_timeouts
         #: Relays that may be spliced at once, in this process (see `splice.descriptor_budget`).
         self.splice_budget = descriptor_budget()
+        self._warned_at = float("-inf")
+        self._unlogged = 0
         self.loop = asyncio.get_running_loop()
         self._server: asyncio.Server | None = None
         #: The listening socket, once listening.
@@ -430,12 +432,23 @@ class TcpProxy:
                     attempt=attempt + 1,
                     error=_describe(err),
                 )
+        self._warn_unaccepted()
+        client.refuse()
+
+    def _warn_unaccepted(self) -> None:
+        """At most one line a second per service port (out of descriptors, every new
+        connection fails this way), with how many were not logged."""
+        now = self.loop.time()
+        if now - self._warned_at < 1.0:
+            self._unlogged += 1
+            return
         log.warning(
             "No endpoint accepted the connection; closing it.",
             service=str(self.name),
             attempts=len(self.dial_timeouts),
+            more_since_last_line=self._unlogged or None,
         )
-        client.refuse()
+        self._warned_at, self._unlogged = now, 0
 
     def close_listener(self) -> None:
         """Stop accepting; established relays keep running."""

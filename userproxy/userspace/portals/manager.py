@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +32,18 @@ from userproxy.userspace.portals.rules import PortalConfig, PortalPort, RuleBuil
 log = structlog.get_logger("userproxy.userspace.portals")
 
 ClaimKey = tuple[Protocol, int]
+#: Descriptors kept for the exit cleanup (a few pipes and a child process's).
+CLEANUP_DESCRIPTORS = 16
+
+
+def _reserve_descriptors(count: int) -> list[int]:
+    reserve = []
+    for _ in range(count):
+        try:
+            reserve.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+        except OSError:
+            break
+    return reserve
 
 
 def detect_host_ip() -> str:
@@ -76,6 +89,10 @@ class PortalManager:
         #: UDP ports removed since the last rule write, and the flush in flight.
         self._stale_udp: list[ServicePort] = []
         self._flushing: asyncio.Task[None] | None = None
+        #: Descriptors held back for the cleanup on exit: removing the rules runs
+        #: iptables-save and iptables-restore (pipes, a process), which must not fail when
+        #: the proxy has run out of descriptors, or rules would point at closed ports.
+        self._reserve = _reserve_descriptors(CLEANUP_DESCRIPTORS)
 
     # ------------------------------------------------------------------ Portals protocol
     async def sync(self, active: Sequence[ActivePort]) -> None:
@@ -158,6 +175,9 @@ class PortalManager:
         self.claims.clear()
         if self._flushing is not None:
             await tasks.stop_all([self._flushing])
+        for fd in self._reserve:
+            os.close(fd)
+        self._reserve = []
         try:
             await self.writer.run(backends.cleanup, self.chains.iptables)
         except RulesError as err:
