@@ -42,7 +42,7 @@ async def test_a_task_that_returns_is_an_unexpected_end() -> None:
     assert any(e["event"] == "A long-lived task ended unexpectedly." for e in logs)
 
 
-async def test_run_stops_with_a_non_zero_exit_when_the_source_ends(
+async def test_a_failing_source_is_restarted_and_health_says_so_meanwhile(
     backends: list[TcpBackend],
 ) -> None:
     proxy = UserProxy(loopback_settings())
@@ -50,14 +50,43 @@ async def test_run_stops_with_a_non_zero_exit_when_the_source_ends(
         service("web", cluster_ip="10.96.0.10", ports=[("http", 80)]),
         endpoint_slice("web", addresses=["127.0.0.1"], ports=[("http", backends[0].port)]),
     )
+    attempts = 0
+    recovered = asyncio.Event()
 
-    async def watch_that_dies() -> None:
-        assert await tcp_name(proxy.proxy_port("default/web:http")) == "pod1"
-        raise ConnectionResetError("the watch broke in a way nobody handled")
+    async def flaky_watch() -> None:
+        nonlocal attempts
+        attempts += 1
+        if attempts <= 2:
+            raise ConnectionResetError("the watch broke in a way nobody handled")
+        recovered.set()
+        await asyncio.Event().wait()
 
-    assert await main._run(proxy, watch_that_dies, manifests="test") == main.EXIT_FAILED
-    assert proxy.sync_task is None  # stopped cleanly: the sync loop is gone too
-    assert proxy.service_ports() == []
+    async def run() -> int:
+        return await main._run(proxy, flaky_watch, manifests="test")
+
+    with structlog.testing.capture_logs() as logs:
+        running = asyncio.ensure_future(run())
+        await wait_for(lambda: attempts == 2, 5, "the second attempt")
+        assert proxy.runner.pending_since is not None  # health counts the outage
+        assert await tcp_name(proxy.proxy_port("default/web:http")) == "pod1"  # still serving
+        await asyncio.wait_for(recovered.wait(), 5)
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+    restarts = [e for e in logs if e["event"] == "A long-lived task ended; restarting it."]
+    assert len(restarts) == 1  # the same cause twice is said once
+    assert proxy.sync_task is None  # stopped cleanly on cancellation
+
+
+async def test_run_stops_with_a_non_zero_exit_when_the_sync_loop_ends() -> None:
+    proxy = UserProxy(loopback_settings())
+
+    async def no_sync() -> None:  # the loop that must never end, ending
+        return None
+
+    proxy.runner.run_forever = no_sync  # type: ignore[method-assign]
+    forever = asyncio.Event()
+    assert await main._run(proxy, forever.wait, manifests="test") == main.EXIT_FAILED
+    assert proxy.sync_task is None
 
 
 async def test_a_dead_worker_is_replaced_and_serves_again(backends: list[TcpBackend]) -> None:

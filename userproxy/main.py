@@ -163,11 +163,19 @@ async def serve_kubernetes(settings: Settings) -> int:
 
 
 async def _run(proxy: UserProxy, watch: Callable[[], Awaitable[None]], **source: str) -> int:
-    """Start the proxy and run the source's watch and the sync loop until one ends."""
+    """Start the proxy and run the source's watch (restarted with backoff if it fails; health
+    turns unhealthy while it keeps failing) and the sync loop (stopping with exit code 1 if
+    it ever ends: it catches every failure of a sync itself)."""
     async with proxy:
         _log_running(proxy, **source)
         assert proxy.sync_task is not None
-        ended = await tasks.first_exit({"source": watch(), "sync": proxy.sync_task})
+        watching = tasks.restarting(
+            watch,
+            name="source",
+            on_failure=proxy.runner.stall,
+            on_recovery=proxy.runner.unstall,
+        )
+        ended = await tasks.first_exit({"source": watching, "sync": proxy.sync_task})
     log.error(
         "A long-lived task ended; stopping.",
         task=ended.task,

@@ -43,13 +43,24 @@ class SyncRunner:
         self.last_duration: float | None = None
         self.failures = 0
         self._in_flight: float | None = None
+        #: Wall time since which something that feeds the syncs (a source) is failing.
+        self.stalled_since: float | None = None
         self.on_synced: Callable[[float], None] = lambda duration: None
 
     @property
     def pending_since(self) -> float | None:
         """Wall time of the oldest update not yet applied (queued, or being synced now)."""
-        times = [t for t in (self._in_flight, self.queued_at) if t is not None]
+        times = [t for t in (self._in_flight, self.queued_at, self.stalled_since) if t is not None]
         return min(times) if times else None
+
+    def stall(self) -> None:
+        """A source is failing: updates may be missing until it recovers (health counts the
+        time since then as pending)."""
+        if self.stalled_since is None:
+            self.stalled_since = self._wall()
+
+    def unstall(self) -> None:
+        self.stalled_since = None
 
     def request(self) -> None:
         now = self._wall()

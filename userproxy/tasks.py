@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +68,47 @@ async def first_exit(tasks: Mapping[str, Awaitable[Any]]) -> Exit:
     first = next(iter(done))
     failed = first.cancelled() or first.exception() is not None
     return Exit(names[first], failed, None if failed else first.result())
+
+
+#: Pauses before restarting a failed task: doubling up to the last.
+RESTART_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+async def restarting(
+    start: Callable[[], Awaitable[Any]],
+    *,
+    name: str,
+    on_failure: Callable[[], None] = lambda: None,
+    on_recovery: Callable[[], None] = lambda: None,
+    healthy_after: float = 5.0,
+    delays: tuple[float, ...] = RESTART_DELAYS,
+) -> None:
+    """Run `start()` again whenever it fails or returns, with a growing pause; a cause is
+    logged once while it repeats. `on_failure` runs at each failure, `on_recovery` once an
+    attempt has run for `healthy_after` seconds (which also resets the pause)."""
+    loop = asyncio.get_running_loop()
+    failures, last_cause = 0, ""
+    while True:
+        started = loop.time()
+        recovered = loop.call_later(healthy_after, on_recovery) if failures else None
+        try:
+            await start()
+            cause = "it returned"
+        except Exception as err:
+            cause = f"{type(err).__name__}: {err}"
+        finally:
+            if recovered is not None:
+                recovered.cancel()
+        if loop.time() - started >= healthy_after:
+            failures, last_cause = 0, ""
+        delay = delays[min(failures, len(delays) - 1)]
+        failures += 1
+        on_failure()
+        if cause != last_cause:
+            log.error("A long-lived task ended; restarting it.", task=name, reason=cause,
+                      retry_in=delay)  # fmt: skip
+            last_cause = cause
+        await asyncio.sleep(delay)
 
 
 async def stop_all(tasks: Any) -> None:
