@@ -256,7 +256,18 @@ def _slice_endpoint(ep: Obj) -> list[tuple[str, Obj, str | None]]:
         "terminating": conditions.get("terminating") is True,
     }
     node = ep.get("nodeName")
-    return [(_ip(a, what="endpoint address"), state, node) for a in ep.get("addresses") or ()]
+    return [(_endpoint_ip(a), state, node) for a in ep.get("addresses") or ()]
+
+
+def _endpoint_ip(value: Any) -> str:
+    """An endpoint address. Unspecified, link-local (169.254.169.254: the cloud's metadata
+    service), multicast and broadcast addresses are refused, as the API server refuses them.
+    Loopback is allowed: it is how the no-cluster modes reach backends on the node."""
+    ip = _ip(value, what="endpoint address")
+    reason = _special_ip(ip)
+    if reason is not None and "loopback" not in reason:
+        raise ValueError(f"endpoint address {ip} {reason}")
+    return ip
 
 
 def _group_by_port(ports: Any, infos: list[tuple[str, Obj, str | None]]) -> PortEndpoints:
@@ -297,7 +308,7 @@ def _subset_addresses(subset: Obj) -> list[tuple[str, bool, str | None]]:
     out = []
     for key, ready in (("addresses", True), ("notReadyAddresses", False)):
         for addr in subset.get(key) or ():
-            out.append((_ip(addr["ip"], what="endpoint address"), ready, addr.get("nodeName")))
+            out.append((_endpoint_ip(addr["ip"]), ready, addr.get("nodeName")))
     return out
 
 

@@ -190,3 +190,15 @@ def test_slices_refuse_a_wrong_family_or_a_non_string_service_label() -> None:
     odd["metadata"]["labels"][convert.SERVICE_NAME_LABEL] = ["web"]
     with pytest.raises(convert.InvalidObject, match="is not a string"):
         convert.endpoint_slice(odd)
+
+
+@pytest.mark.parametrize("address", ["169.254.169.254", "0.0.0.0", "224.0.0.1", "fe80::1"])
+def test_endpoint_addresses_the_api_server_refuses_are_refused(address: str) -> None:
+    slc = endpoint_slice("web", addresses=[address], ports=[("http", 80)])
+    with pytest.raises(convert.InvalidObject, match=f"endpoint address {address}"):
+        convert.endpoint_slice(slc)
+
+
+def test_loopback_endpoints_stay_allowed_for_backends_on_the_node() -> None:
+    slc = endpoint_slice("web", addresses=["127.0.0.1"], ports=[("http", 80)])
+    assert convert.endpoint_slice(slc).ports
