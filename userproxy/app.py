@@ -61,7 +61,10 @@ class UserProxy:
         #: given) unless the caller built another.
         self.provider: Provider = provider or Proxier(settings=self.settings, portals=portals)
         self.router = ObjectRouter(
-            self.provider, proxy_name=proxy_name, external_ips=self._external_ip_policy()
+            self.provider,
+            proxy_name=proxy_name,
+            external_ips=self._external_ip_policy(),
+            node_port_range=self.settings.sources.node_port_range,
         )
         self.runner = SyncRunner(
             self._sync,

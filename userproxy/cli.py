@@ -199,6 +199,12 @@ def main() -> None:
     help="CIDRs (comma-separated or repeated) whose addresses answer NodePorts.",
 )
 @click.option(
+    "--service-node-port-range",
+    default="30000-32767",
+    show_default=True,
+    help="NodePorts from manifests must fall in it (as the API server's flag); empty: any.",
+)
+@click.option(
     "--external-ip-cidrs",
     multiple=True,
     help="CIDRs (comma-separated or repeated) Service externalIPs must fall in; a node "

@@ -145,6 +145,7 @@ async def serve_kubernetes(settings: Settings) -> int:
         return EXIT_BAD_INPUT
     try:
         async with prepared(settings) as proxy:
+            proxy.router.node_port_range = None  # the API server checked its own range
             source = KubeSource(
                 api,
                 proxy.router,

@@ -115,6 +115,11 @@ class SourceSettings:
     use_endpoints: bool = False
     """`--use-endpoints`: watch core/v1 Endpoints instead of EndpointSlices (before 1.21)."""
 
+    node_port_range: PortRange | None = field(default_factory=lambda: PortRange(30000, 2768))
+    """`--service-node-port-range` (the API server's flag): NodePorts from manifests and the
+    Python API must fall in it; None: not checked. Services from the API server were checked
+    against the cluster's own range there."""
+
 
 @dataclass(frozen=True)
 class UserspaceSettings:
@@ -302,6 +307,7 @@ OPTIONS: dict[str, str] = {
     "manifests": "sources.manifests",
     "service_proxy_name": "sources.service_proxy_name",
     "use_endpoints": "sources.use_endpoints",
+    "service_node_port_range": "sources.node_port_range",
     "portals": "userspace.portals",
     "workers": "userspace.workers",
 }
@@ -337,7 +343,7 @@ _SECTIONS: dict[str, type[Any]] = {
 
 def _convert(option: str, value: Any) -> Any:
     try:
-        if option == "proxy_port_range":
+        if option in ("proxy_port_range", "service_node_port_range"):
             return parse_port_range(value)
         if option in ("nodeport_addresses", "external_ip_cidrs"):
             return cidrs(value, flag=option.replace("_", "-"))
@@ -370,7 +376,7 @@ def to_options(settings: Settings) -> dict[str, Any]:
         value: Any = settings
         for part in path.split("."):
             value = getattr(value, part)
-        if option == "proxy_port_range":
+        if option in ("proxy_port_range", "service_node_port_range"):
             value = "" if value is None else str(value)
         out[option] = value
     return out

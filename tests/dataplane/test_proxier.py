@@ -266,3 +266,18 @@ async def test_refused_objects_are_listed_in_the_status_until_fixed(proxy: UserP
     assert f"!    Service {NS}/bad: refused:" in render(to_json(proxy.status()))
     await proxy.apply(service("bad", namespace=NS, cluster_ip="10.96.0.30", ports=[("p", 80)]))
     assert proxy.status().refused == ()
+
+
+async def test_node_ports_outside_the_range_are_refused_and_the_rest_served(
+    proxy: UserProxy,
+) -> None:
+    await proxy.apply(
+        service(
+            "np",
+            namespace=NS,
+            cluster_ip="10.96.0.31",
+            ports=[{"name": "ssh", "port": 80, "nodePort": 22}],
+        )  # fmt: skip
+    )
+    [status] = [s for s in proxy.service_ports() if s.name.name == "np"]
+    assert status.port.node_port == 0 and status.proxy_port

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
@@ -17,6 +17,8 @@ import structlog
 from userproxy import convert
 from userproxy.changes import ServiceKey
 from userproxy.externalips import Emission, ExternalIPGuard, ExternalIPPolicy
+from userproxy.model import ServicePort
+from userproxy.ports import PortRange
 from userproxy.sources.handlers import SourceSink
 
 log = structlog.get_logger("userproxy.objects")
@@ -53,8 +55,12 @@ class ObjectRouter:
         *,
         proxy_name: str | None = None,
         external_ips: ExternalIPPolicy | None = None,
+        node_port_range: PortRange | None = None,
     ) -> None:
         self.sink = sink
+        #: NodePorts must fall in this range, as the API server's `--service-node-port-range`
+        #: makes them (None: not checked; objects from the API server were checked there).
+        self.node_port_range = node_port_range
         #: Which externalIPs may be served, across Services (see `userproxy.externalips`).
         self.external_ips = ExternalIPGuard(external_ips)
         #: `--service-proxy-name`: serve only Services carrying this proxy-name label value
@@ -126,8 +132,26 @@ class ObjectRouter:
             log.debug(
                 "Not proxying a Service.", service=f"{key[1]}/{key[2]}", reason=result.skipped
             )
+        ports = self._node_ports_in_range(f"{key[1]}/{key[2]}", result.ports)
         self._routed[key] = _Routed(service, "")
-        self._emit(self.external_ips.update(service, result.ports or None))
+        self._emit(self.external_ips.update(service, ports or None))
+
+    def _node_ports_in_range(
+        self, service: str, ports: tuple[ServicePort, ...]
+    ) -> tuple[ServicePort, ...]:
+        allowed = self.node_port_range
+        if allowed is None or all(not p.node_port or p.node_port in allowed for p in ports):
+            return ports
+        kept = []
+        for port in ports:
+            if port.node_port and port.node_port not in allowed:
+                self.rejected += 1
+                log.error("Refused a NodePort; the rest of the Service is served.",
+                          service=service, reason=f"NodePort {port.node_port} is outside "
+                          f"the node-port range {allowed}")  # fmt: skip
+                port = replace(port, node_port=0)
+            kept.append(port)
+        return tuple(kept)
 
     def _emit(self, emissions: list[Emission]) -> None:
         for emission in emissions:
