@@ -8,24 +8,26 @@ two more descriptors, until none are left. Such endpoints are refused, with the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Container
+from dataclasses import dataclass, field
 
 from userproxy.model import Endpoint
 
 
-@dataclass(frozen=True)
+@dataclass
 class OwnAddresses:
-    """Where this proxy answers."""
+    """Where this proxy answers. The containers may be live views the owner keeps current
+    (a check must not cost a pass over every service port)."""
 
     #: The node's addresses.
-    local: frozenset[str] = frozenset()
+    local: Container[str] = frozenset()
     #: The address the proxy ports listen on; None means every local address.
     bind_address: str | None = None
-    proxy_ports: frozenset[int] = frozenset()
+    proxy_ports: Container[int] = field(default_factory=frozenset)
     #: (address, port) pairs the portals send to the proxy (empty without portals).
-    service_addresses: frozenset[tuple[str, int]] = frozenset()
+    service_addresses: Container[tuple[str, int]] = field(default_factory=frozenset)
     #: NodePorts the portals send to the proxy (empty without portals).
-    node_ports: frozenset[int] = frozenset()
+    node_ports: Container[int] = field(default_factory=frozenset)
 
     def loop(self, endpoint: Endpoint) -> str | None:
         """Why `endpoint` leads back into this proxy, or None."""

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 from typing import Protocol as TypingProtocol
 
 import structlog
@@ -107,9 +109,17 @@ class Proxier:
         self.request_sync: Callable[[], None] = lambda: None
         self.followers = followers
         self._lock = asyncio.Lock()
-        #: Where this proxy answers (see `loops`), cached until the listeners change.
-        self._own: OwnAddresses | None = None
-        self._local_addresses = local_addresses() if settings.wildcard_bind else frozenset()
+        #: Where this proxy answers (see `loops`), kept current as listeners come and go.
+        self._proxy_ports: Counter[int] = Counter()
+        self._service_addresses: Counter[tuple[str, int]] = Counter()
+        self._node_ports: Counter[int] = Counter()
+        self._own = OwnAddresses(
+            local=local_addresses() if settings.wildcard_bind else frozenset(),
+            bind_address=None if settings.wildcard_bind else settings.bind_address,
+            proxy_ports=self._proxy_ports,
+            service_addresses=self._service_addresses,
+            node_ports=self._node_ports,
+        )
         self._loops_reported: set[tuple[ServicePortName, Endpoint]] = set()
 
     # ------------------------------------------------------------------ lifecycle
@@ -224,7 +234,7 @@ class Proxier:
         runtime = self.runtimes[port.name] = PortRuntime(
             port, proxy_port, listener, stats, connections
         )
-        self._own = None
+        self._track(runtime, 1)
         return runtime
 
     def _not_served(self, port: ServicePort, err: Exception) -> None:
@@ -368,7 +378,7 @@ class Proxier:
     def _close_listener(self, runtime: PortRuntime) -> None:
         runtime.listener.close_listener()
         self.allocator.release(runtime.proxy_port)
-        self._own = None
+        self._track(runtime, -1)
 
     async def _remove(self, name: ServicePortName) -> None:
         self.failed.pop(name, None)
@@ -401,7 +411,7 @@ class Proxier:
                 self.request_sync()
 
     def _without_loops(self, name: ServicePortName, endpoints: list[Endpoint]) -> list[Endpoint]:
-        own = self._own_addresses()
+        own = self._own
         kept = []
         for endpoint in endpoints:
             reason = own.loop(endpoint)
@@ -417,30 +427,18 @@ class Proxier:
         """A wildcard-bound proxy answers on every node address; they can change."""
         if self.settings.wildcard_bind:
             local = local_addresses()
-            if local != self._local_addresses:
-                self._local_addresses, self._own = local, None
+            self._own.local = local
 
-    def _own_addresses(self) -> OwnAddresses:
-        """Where this proxy answers, rebuilt only after the listeners changed."""
-        if self._own is None:
-            ports = [rt.port for rt in self.runtimes.values()]
-            portals = self.portals is not None
-            self._own = OwnAddresses(
-                local=self._local_addresses,
-                bind_address=None if self.settings.wildcard_bind else self.settings.bind_address,
-                proxy_ports=frozenset(rt.proxy_port for rt in self.runtimes.values()),
-                service_addresses=frozenset(
-                    (ip, p.port)
-                    for p in ports
-                    for ip in (p.cluster_ip, *p.external_ips, *p.load_balancer_ips)
-                )
-                if portals
-                else frozenset(),
-                node_ports=frozenset(p.node_port for p in ports if p.node_port)
-                if portals
-                else frozenset(),
-            )
-        return self._own
+    def _track(self, runtime: PortRuntime, delta: int) -> None:
+        """Add (1) or remove (-1) a listener's addresses from the ones loops are checked
+        against."""
+        port = runtime.port
+        _count(self._proxy_ports, runtime.proxy_port, delta)
+        if self.portals is not None:
+            for ip in (port.cluster_ip, *port.external_ips, *port.load_balancer_ips):
+                _count(self._service_addresses, (ip, port.port), delta)
+            if port.node_port:
+                _count(self._node_ports, port.node_port, delta)
 
     # ------------------------------------------------------------------ queries and shutdown
     def active_ports(self) -> list[ActivePort]:
@@ -492,3 +490,11 @@ class Proxier:
                 self.balancer.delete_service(name)
         # Let the transports run their connection_lost callbacks and release their sockets.
         await asyncio.sleep(0)
+
+
+def _count(counter: Counter[Any], key: Any, delta: int) -> None:
+    left = counter[key] + delta
+    if left > 0:
+        counter[key] = left
+    else:
+        counter.pop(key, None)
