@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -74,7 +75,39 @@ def _metadata(obj: Obj) -> tuple[str, str, Mapping[str, str]]:
     labels = md.get("labels") or {}
     if not isinstance(labels, Mapping):
         raise InvalidObject(f"{describe(obj)}: metadata.labels is not a mapping")
-    return str(md.get("namespace") or "default"), md["name"], labels
+    namespace = md.get("namespace") or "default"
+    problem = (
+        _name_problem(namespace, DNS1123_LABEL, 63, "metadata.namespace")
+        or _name_problem(md["name"], DNS1123_SUBDOMAIN, 253, "metadata.name")
+        or next(
+            (
+                f"label {key!r} has an invalid value {value!r}"
+                for key, value in labels.items()
+                if not isinstance(value, str) or len(value) > 63 or not LABEL_VALUE.fullmatch(value)
+            ),
+            None,
+        )
+    )
+    if problem:
+        raise InvalidObject(f"{describe(obj)}: {problem}")
+    return namespace, md["name"], labels
+
+
+# The API server's name rules (k8s.io/apimachinery validation), which every name in a rule
+# comment and a log line is then known to follow.
+DNS1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
+#: IANA_SVC_NAME: a port name.
+PORT_NAME = re.compile(r"(?=.*[a-z])(?!-)(?!.*--)[a-z0-9-]*[a-z0-9]")
+
+
+def _name_problem(value: Any, pattern: re.Pattern[str], limit: int, field: str) -> str | None:
+    if not isinstance(value, str):
+        return f"{field} {value!r} is not a string"
+    if len(value) > limit or not pattern.fullmatch(value):
+        return f"{field} {value!r} is not a valid name"
+    return None
 
 
 def _port_number(value: Any, *, what: str, allow_zero: bool = False) -> int:
@@ -176,6 +209,8 @@ def _service_ports(*, namespace: str, name: str, spec: Obj, status: Any) -> Serv
         if not isinstance(raw, Mapping):
             raise ValueError(f"spec.ports has an entry that is not a mapping: {raw!r}")
         port_name = _name(raw.get("name"), what="port name")
+        if port_name and (len(port_name) > 15 or not PORT_NAME.fullmatch(port_name)):
+            raise ValueError(f"port name {port_name!r} is not a valid port name")
         if port_name in names:
             raise ValueError(f"spec.ports has two ports named {port_name!r}")
         names.add(port_name)

@@ -277,7 +277,7 @@ async def test_node_ports_outside_the_range_are_refused_and_the_rest_served(
             namespace=NS,
             cluster_ip="10.96.0.31",
             ports=[{"name": "ssh", "port": 80, "nodePort": 22}],
-        )  # fmt: skip
+        )
     )
     [status] = [s for s in proxy.service_ports() if s.name.name == "np"]
     assert status.port.node_port == 0 and status.proxy_port

@@ -188,7 +188,7 @@ def test_slices_refuse_a_wrong_family_or_a_non_string_service_label() -> None:
         convert.endpoint_slice(wrong)
     odd = endpoint_slice("web", addresses=["10.0.0.1"], ports=[("http", 80)])
     odd["metadata"]["labels"][convert.SERVICE_NAME_LABEL] = ["web"]
-    with pytest.raises(convert.InvalidObject, match="is not a string"):
+    with pytest.raises(convert.InvalidObject, match="has an invalid value"):
         convert.endpoint_slice(odd)
 
 
@@ -202,3 +202,21 @@ def test_endpoint_addresses_the_api_server_refuses_are_refused(address: str) -> 
 def test_loopback_endpoints_stay_allowed_for_backends_on_the_node() -> None:
     slc = endpoint_slice("web", addresses=["127.0.0.1"], ports=[("http", 80)])
     assert convert.endpoint_slice(slc).ports
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda s: s["metadata"].update(name="Web"), "metadata.name 'Web' is not a valid name"),
+        (lambda s: s["metadata"].update(namespace="a.b"), "metadata.namespace"),
+        (lambda s: s["metadata"].update(labels={"app": "x" * 64}), "invalid value"),
+        (lambda s: s["spec"]["ports"][0].update(name="HTTP"), "not a valid port name"),
+        (lambda s: s["spec"]["ports"][0].update(name="a" * 16), "not a valid port name"),
+        (lambda s: s["spec"]["ports"][0].update(name="80"), "not a valid port name"),
+    ],
+)
+def test_names_and_label_values_follow_the_api_servers_rules(change: Any, message: str) -> None:
+    obj = service("web", cluster_ip="10.96.0.10", ports=[("http", 80)])
+    change(obj)
+    with pytest.raises(convert.InvalidObject, match=message):
+        convert.service_ports(obj)
