@@ -44,7 +44,7 @@ from userproxy.userspace.loops import OwnAddresses
 from userproxy.userspace.portals.interface import ActivePort, Portals
 from userproxy.userspace.stats import PortStats, snapshot
 from userproxy.userspace.steering import steer_by_client_ip
-from userproxy.userspace.tcp import ClientSide, TcpProxy, abort_all
+from userproxy.userspace.tcp import ClientSide, RelayBudget, TcpProxy, abort_all
 from userproxy.userspace.udp import UdpProxy
 from userproxy.userspace.wire import DataPlane
 
@@ -93,6 +93,7 @@ class Proxier:
         clock: Callable[[], float] = time.monotonic,
         portals: Portals | None = None,
         followers: Followers | None = None,
+        relay_budget: RelayBudget | None = None,
     ) -> None:
         self.settings = settings
         self.balancer = balancer or RoundRobinBalancer()
@@ -108,6 +109,8 @@ class Proxier:
         self.unserved: dict[ServicePortName, ServicePort] = {}
         self.request_sync: Callable[[], None] = lambda: None
         self.followers = followers
+        #: Relays this process may hold at once (see `tcp.RelayBudget`); listeners count too.
+        self.relay_budget = relay_budget or RelayBudget()
         self._lock = asyncio.Lock()
         #: Where this proxy answers (see `loops`), kept current as listeners come and go.
         self._proxy_ports: Counter[int] = Counter()
@@ -366,6 +369,7 @@ class Proxier:
                 stats=stats,
                 connections=connections,
                 clock=self.clock,
+                budget=self.relay_budget,
             )
         return UdpProxy(
             name=port.name,
@@ -433,6 +437,7 @@ class Proxier:
         """Add (1) or remove (-1) a listener's addresses from the ones loops are checked
         against."""
         port = runtime.port
+        self.relay_budget.reserved += delta
         _count(self._proxy_ports, runtime.proxy_port, delta)
         if self.portals is not None:
             for ip in (port.cluster_ip, *port.external_ips, *port.load_balancer_ips):

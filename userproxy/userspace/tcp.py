@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import resource
 import socket
 import struct
 from collections.abc import Callable
@@ -66,6 +67,34 @@ def reset_transport(transport: asyncio.BaseTransport) -> None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
     transport.abort()  # type: ignore[attr-defined]
+
+
+class RelayBudget:
+    """How many relays this process may hold at once, so that neither a flood nor a proxy loop
+    that slipped past the endpoint checks can take the last descriptors: each relay holds two,
+    each listener one, and HEADROOM stay free for syncs, the API watch and the exit cleanup.
+    Beyond it a new connection is reset at once (and a loop, reset at its newest hop, unwinds
+    hop by hop as each reset is passed on)."""
+
+    HEADROOM = 256
+
+    def __init__(self, descriptors: int | None = None) -> None:
+        if descriptors is None:
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+            descriptors = soft if soft != resource.RLIM_INFINITY else 1 << 20
+        self.descriptors = descriptors
+        #: Descriptors held by other things (listeners), kept current by the owner.
+        self.reserved = 0
+        self.in_use = 0
+        #: Connections reset because the budget was spent.
+        self.shed = 0
+
+    def take(self) -> bool:
+        if 2 * (self.in_use + 1) + self.reserved + self.HEADROOM > self.descriptors:
+            self.shed += 1
+            return False
+        self.in_use += 1
+        return True
 
 
 class _Side(asyncio.Protocol):
@@ -195,6 +224,9 @@ class ClientSide(_Side):
     # ---------------------------------------------------------------- asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)
+        if not self.service.budget.take():
+            self.service.shed(self)
+            return
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self.service.connections.add(self)
         self.dial = self.service.loop.create_task(self.service.connect(self))
@@ -313,6 +345,7 @@ class ClientSide(_Side):
             return
         if self in self.service.connections:
             self.service.connections.discard(self)
+            self.service.budget.in_use -= 1
             if self.counters is not None:
                 self.counters.active -= 1
         # Unlink the two sides so the relay is freed by reference counting: objects left in
@@ -353,8 +386,10 @@ class TcpProxy:
         connections: set[ClientSide],
         clock: Clock,
         dial_timeouts: tuple[float, ...] = DIAL_TIMEOUTS,
+        budget: RelayBudget | None = None,
     ) -> None:
         self.name = name
+        self.budget = budget or RelayBudget()
         self.balancer = balancer
         self.stats = stats
         self.connections = connections
@@ -362,7 +397,7 @@ class TcpProxy:
         self.dial_timeouts = dial_timeouts
         #: Relays that may be spliced at once, in this process (see `splice.descriptor_budget`).
         self.splice_budget = descriptor_budget()
-        self._warned_at = float("-inf")
+        self._warned_at = self._shed_warned_at = float("-inf")
         self._unlogged = 0
         self.loop = asyncio.get_running_loop()
         self._server: asyncio.Server | None = None
@@ -434,6 +469,20 @@ class TcpProxy:
                 )
         self._warn_unaccepted()
         client.refuse()
+
+    def shed(self, client: ClientSide) -> None:
+        """Out of relay budget: reset the new connection at once, say so once a second."""
+        client.closed = True
+        reset_transport(client.transport)
+        now = self.loop.time()
+        if now - self._shed_warned_at >= 1.0:
+            self._shed_warned_at = now
+            log.warning(
+                "Out of descriptors for new relays; resetting new connections.",
+                service=str(self.name),
+                relays=self.budget.in_use,
+                shed_so_far=self.budget.shed,
+            )
 
     def _warn_unaccepted(self) -> None:
         """At most one line a second per service port (out of descriptors, every new
