@@ -9,7 +9,7 @@ import selectors
 import socket
 import time
 
-from tests.helpers import LOCAL, udp_echo
+from tests.helpers import LOCAL, udp_echo, wait_for
 from userproxy import ProxySettings, UserProxy
 from userproxy.objects import endpoint_slice, service
 
@@ -82,5 +82,32 @@ async def test_a_burst_of_new_flows_never_crosses_clients() -> None:
             # UDP may drop under a burst; most must arrive for the check to mean anything.
             assert right >= FLOWS * 0.9, f"only {right} of {FLOWS} replies arrived"
             assert proxy.counters(NAME).total >= right
+    finally:
+        echo.close()
+
+
+async def test_udp_flows_beyond_the_descriptor_budget_are_dropped_not_fatal() -> None:
+    from userproxy.userspace.proxier import Proxier
+    from userproxy.userspace.tcp import RelayBudget
+
+    echo, backend_port = await udp_echo()
+    budget = RelayBudget(descriptors=RelayBudget.HEADROOM + 2 + 2 * 10)  # one listener, 10 flows
+    settings = ProxySettings(bind_address="127.0.0.1", allow_loopback_bind=True,
+                             min_sync_period=0.0, udp_idle_timeout=0.3)  # fmt: skip
+    proxy = UserProxy(settings, provider=Proxier(settings=settings, relay_budget=budget))
+    try:
+        async with proxy:
+            await proxy.apply(
+                service("dns", cluster_ip="10.96.0.53", ports=[("dns", 53, "UDP")]),
+                endpoint_slice("dns", addresses=[LOCAL], ports=[("dns", backend_port, "UDP")]),
+            )
+            port = proxy.proxy_port(NAME)
+            right, wrong = await asyncio.to_thread(burst, port, 20, time.monotonic() + 2)
+            assert (right, wrong) == (10, 0)
+            assert budget.shed >= 10
+            # The flows idle out and give their descriptors back.
+            await wait_for(lambda: budget.in_use == 0, 3, "the flows to idle out")
+            right, _ = await asyncio.to_thread(burst, port, 5, time.monotonic() + 2)
+            assert right == 5
     finally:
         echo.close()

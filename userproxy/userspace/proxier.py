@@ -377,6 +377,7 @@ class Proxier:
             stats=stats,
             clock=self.clock,
             idle_timeout=self.settings.udp_idle_timeout,
+            budget=self.relay_budget,
         )
 
     def _close_listener(self, runtime: PortRuntime) -> None:

@@ -41,6 +41,7 @@ import structlog
 from userproxy.balancer import BalancerError, RoundRobinBalancer
 from userproxy.model import Endpoint, Family, ServicePortName
 from userproxy.userspace.stats import EndpointCounters, PortStats
+from userproxy.userspace.tcp import RelayBudget
 
 log = structlog.get_logger("userproxy.udp")
 
@@ -107,10 +108,13 @@ class UdpProxy:
         stats: PortStats,
         clock: Clock,
         idle_timeout: float,
+        budget: RelayBudget | None = None,
     ) -> None:
         if idle_timeout <= 0:
             raise ValueError("the UDP idle timeout must be greater than zero")
         self.name = name
+        #: Shared with the TCP relays: a flow holds two descriptors, as a relay does.
+        self.budget = budget or RelayBudget()
         self.balancer = balancer
         self.stats = stats
         self.clock = clock
@@ -210,6 +214,14 @@ class UdpProxy:
             self._attach_client_socket(flow, flow.local)
 
     def _open_flow(self, client: Address, ancillary: list[tuple[int, int, bytes]]) -> _Flow | None:
+        if not self.budget.take():  # out of descriptors for another flow: drop the datagram,
+            return None  # as a full network would (counted in the budget's `shed`)
+        flow = self._dial_flow(client, ancillary)
+        if flow is None:
+            self.budget.in_use -= 1
+        return flow
+
+    def _dial_flow(self, client: Address, ancillary: list[tuple[int, int, bytes]]) -> _Flow | None:
         for attempt in range(DIAL_ATTEMPTS):
             try:
                 endpoint = self.balancer.next_endpoint(
@@ -386,6 +398,7 @@ class UdpProxy:
         if self.flows.get(flow.client) is not flow:
             return
         del self.flows[flow.client]
+        self.budget.in_use -= 1
         if flow.timer is not None:
             flow.timer.cancel()
         self.loop.remove_reader(flow.sock.fileno())
