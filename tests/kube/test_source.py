@@ -181,7 +181,7 @@ async def test_an_expired_version_on_rewatch_relists(rig: Rig, backends: list[Tc
 
 async def test_bookmarks_move_the_version_forward(rig: Rig) -> None:
     rig.fake.apply(service("other", cluster_ip="10.96.0.30", ports=[("http", 80)]))
-    await wait_for(lambda: rig.served("default/other:http"), 1.0)
+    await wait_for(lambda: rig.served("default/other:http"), 3.0)
     rig.fake.rv += 100  # changes elsewhere in the cluster move the version
     rig.fake.bookmark()
     await wait_for(
