@@ -4,6 +4,7 @@ the LOCAL entries of /proc/net/fib_trie, IPv6 from /proc/net/if_inet6."""
 from __future__ import annotations
 
 import ipaddress
+import time
 from pathlib import Path
 
 
@@ -29,7 +30,23 @@ def parse_if_inet6(text: str) -> set[str]:
     return out
 
 
+#: Seconds a reading is reused: the proxier's loop checks and the externalIP policy both look
+#: before a sync, and /proc/net/fib_trie lists every route (thousands on a busy node).
+FRESH_FOR = 1.0
+_last: tuple[float, Path, frozenset[str]] | None = None
+
+
 def local_addresses(proc: Path = Path("/proc/net")) -> frozenset[str]:
+    global _last
+    now = time.monotonic()
+    if _last is not None and _last[1] == proc and now - _last[0] < FRESH_FOR:
+        return _last[2]
+    found = _read(proc)
+    _last = (now, proc, found)
+    return found
+
+
+def _read(proc: Path) -> frozenset[str]:
     found: set[str] = set()
     for name, parse in (("fib_trie", parse_fib_trie), ("if_inet6", parse_if_inet6)):
         try:

@@ -165,6 +165,9 @@ class _Side(asyncio.Protocol):
 
     def _pass_on_loss(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.paused_check is not None:  # nothing left to look at
+            self.paused_check.cancel()
+            self.paused_check = None
         peer = self.peer
         if peer is None or peer.closed:
             return
