@@ -11,6 +11,9 @@ timeout alone takes effect at once.
   coming back within the timeout (a sliding window, measured in whole seconds as kube-proxy did).
 - `reset=True` (used after a failed dial) ignores the pin, takes the next endpoint in turn and
   pins the client to it.
+- An endpoint on loopback (how the no-cluster modes reach backends on the node; the API server
+  never allows one) is picked only for clients on this node: a pod must not reach the node's
+  private listeners through a ClusterIP. Other clients skip it, or find no endpoint.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from userproxy.model import NO_AFFINITY, Affinity, Endpoint, ServicePortName
+from userproxy.model import NO_AFFINITY, Affinity, Endpoint, ServicePortName, is_loopback
 
 
 class BalancerError(LookupError):
@@ -47,14 +50,29 @@ class _PortState:
     endpoints: list[Endpoint] = field(default_factory=list)
     index: int = 0
     sessions: dict[str, _Session] = field(default_factory=dict)
+    #: Loopback endpoints: only clients on this node may be sent to them.
+    node_only: frozenset[Endpoint] = frozenset()
 
 
 Shuffle = Callable[[list[Endpoint]], None]
+#: Whether a client address is on this node (and so may reach loopback endpoints).
+NodeClient = Callable[[str], bool]
+_NOTHING: frozenset[Endpoint] = frozenset()
+
+
+def _loopback(ip: str) -> bool:
+    try:
+        return is_loopback(ip)
+    except ValueError:  # not an address: a name, or no client (a caller that does not track them)
+        return False
 
 
 class RoundRobinBalancer:
-    def __init__(self, *, shuffle: Shuffle = random.shuffle) -> None:
+    def __init__(
+        self, *, shuffle: Shuffle = random.shuffle, is_node_client: NodeClient = _loopback
+    ) -> None:
         self._shuffle = shuffle
+        self._is_node_client = is_node_client
         self._ports: dict[ServicePortName, _PortState] = {}
         self._affinity: dict[ServicePortName, Affinity] = {}
 
@@ -79,6 +97,7 @@ class RoundRobinBalancer:
         self._shuffle(new)
         state.endpoints = new
         state.index = 0
+        state.node_only = frozenset(e for e in new if _loopback(e.ip))
         return True
 
     def delete_service(self, name: ServicePortName) -> None:
@@ -101,11 +120,22 @@ class RoundRobinBalancer:
             if session is not None and int(now - session.last_used) < affinity.timeout_s:
                 session.last_used = now
                 return session.endpoint
-        endpoint = state.endpoints[state.index]
-        state.index = (state.index + 1) % len(state.endpoints)
+        remote = bool(state.node_only) and not self._is_node_client(client_ip)
+        endpoint = self._advance(state, name, skip=state.node_only if remote else _NOTHING)
         if affinity.client_ip:
             state.sessions[client_ip] = _Session(endpoint, now)
         return endpoint
+
+    @staticmethod
+    def _advance(state: _PortState, name: ServicePortName, skip: frozenset[Endpoint]) -> Endpoint:
+        """The next endpoint in turn that is not in `skip`."""
+        count = len(state.endpoints)
+        for _ in range(count):
+            endpoint = state.endpoints[state.index]
+            state.index = (state.index + 1) % count
+            if endpoint not in skip:
+                return endpoint
+        raise NoEndpoints(name)
 
     def cleanup_stale_sessions(self, now: float) -> int:
         """Drop pins idle for at least their timeout. Returns how many were dropped."""

@@ -297,7 +297,8 @@ def _slice_endpoint(ep: Obj) -> list[tuple[str, Obj, str | None]]:
 def _endpoint_ip(value: Any) -> str:
     """An endpoint address. Unspecified, link-local (169.254.169.254: the cloud's metadata
     service), multicast and broadcast addresses are refused, as the API server refuses them.
-    Loopback is allowed: it is how the no-cluster modes reach backends on the node."""
+    Loopback is allowed: it is how the no-cluster modes reach backends on the node. The
+    userspace proxy sends only clients on the node there; the kernel modes leave it out."""
     ip = _ip(value, what="endpoint address")
     reason = _special_ip(ip)
     if reason is not None and "loopback" not in reason:

@@ -8,6 +8,7 @@ these types lives in `userproxy.convert`.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import socket
 from dataclasses import dataclass, field
 
@@ -153,6 +154,11 @@ class EndpointInfo:
     serving: bool = True
     terminating: bool = False
     node_name: str | None = None
+
+
+def is_loopback(ip: str) -> bool:
+    """127.0.0.0/8 or ::1: the node's private side, which no pod may be sent to."""
+    return ipaddress.ip_address(ip).is_loopback
 
 
 def usable_endpoints(

@@ -283,3 +283,54 @@ def test_pins_never_point_at_removed_endpoints(
         for client in clients:
             assert lb.next_endpoint(FOO_P, client, now=now) in endpoints
         assert set(lb.sessions(FOO_P).values()) <= endpoints
+
+
+# ---------------------------------------------------------------- loopback endpoints
+NODE_LO = ep("127.0.0.1", 8080)
+POD = ep("10.244.0.3", 8080)
+
+
+def node_clients(lb_shuffle: random.Random) -> RoundRobinBalancer:
+    return RoundRobinBalancer(
+        shuffle=lb_shuffle.shuffle, is_node_client=lambda ip: ip in ("127.0.0.1", "192.168.50.1")
+    )
+
+
+def test_remote_clients_never_get_a_loopback_endpoint() -> None:
+    lb = node_clients(random.Random(1))
+    lb.update_endpoints(FOO_P, [NODE_LO, POD])
+    assert set(picks(lb, FOO_P, 10, client="10.244.0.2")) == {POD}
+    assert set(picks(lb, FOO_P, 10, client="192.168.50.1")) == {NODE_LO, POD}
+
+
+def test_only_loopback_endpoints_means_none_for_remote_clients() -> None:
+    lb = node_clients(random.Random(1))
+    lb.update_endpoints(FOO_P, [NODE_LO])
+    with pytest.raises(NoEndpoints):
+        lb.next_endpoint(FOO_P, "10.244.0.2", now=0)
+    assert lb.next_endpoint(FOO_P, "127.0.0.1", now=0) == NODE_LO
+
+
+def test_affinity_never_pins_a_remote_client_to_loopback() -> None:
+    lb = node_clients(random.Random(3))
+    lb.set_affinity(FOO_P, STICKY)
+    lb.update_endpoints(FOO_P, [NODE_LO, POD, ep("10.244.0.4", 8080)])
+    first = lb.next_endpoint(FOO_P, "10.244.0.2", now=0)
+    assert first != NODE_LO
+    assert picks(lb, FOO_P, 5, client="10.244.0.2") == [first] * 5
+    assert lb.next_endpoint(FOO_P, "10.244.0.2", now=0, reset=True) not in (NODE_LO, first)
+
+
+@given(st.lists(st.sampled_from([NODE_LO, POD, ep("10.244.0.4", 1), ep("127.0.0.2", 1)]),
+                min_size=1), st.integers(0, 2**32))  # fmt: skip
+def test_the_default_lets_only_loopback_clients_use_loopback(
+    endpoints: list[Endpoint], seed: int
+) -> None:
+    lb = RoundRobinBalancer(shuffle=random.Random(seed).shuffle)
+    lb.update_endpoints(FOO_P, endpoints)
+    remote = [e for e in set(endpoints) if not e.ip.startswith("127.")]
+    if not remote:
+        with pytest.raises(NoEndpoints):
+            lb.next_endpoint(FOO_P, "10.0.0.1", now=0)
+        return
+    assert set(picks(lb, FOO_P, 2 * len(endpoints), client="10.0.0.1")) == set(remote)

@@ -114,3 +114,14 @@ async def test_cleanup_removes_our_chains_and_never_kube_proxys() -> None:
     assert rig.iptables.rules("nat", "PREROUTING") == []
     assert cleanup(rig.iptables) == 0
     await rig.provider.close()
+
+
+async def test_loopback_endpoints_are_left_out_of_the_kernel_rules() -> None:
+    rig = Rig()
+    rig.serve("127.0.0.1", "10.244.0.2")
+    await rig.provider.sync()
+    assert rules.endpoint_chain(PORT, Endpoint("10.244.0.2", 8080)) in rig.chains()
+    assert rules.endpoint_chain(PORT, Endpoint("127.0.0.1", 8080)) not in rig.chains()
+    (port,) = rig.provider.status().service_ports
+    assert [e.endpoint for e in port.endpoints] == [Endpoint("10.244.0.2", 8080)]
+    await rig.provider.close()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import structlog
 
@@ -25,7 +25,7 @@ from userproxy.iptables.rule import NAT, Ruleset, plan_jumps
 from userproxy.iptables.text import builtin_chain_lines, chain_names, chains_text, jump_targets
 from userproxy.iptables.writer import RuleWriter
 from userproxy.iptables_mode import rules
-from userproxy.model import Family, ServicePort, ServicePortName
+from userproxy.model import Endpoint, Family, ServicePort, ServicePortName, is_loopback
 from userproxy.provider import EndpointStatus, ProxyStatus, ServicePortStatus
 from userproxy.settings import Settings
 
@@ -113,6 +113,7 @@ class IptablesProvider:
         self._thread = RuleWriter(full_sync_period=settings.sync_period, clock=clock)
         #: Connections through each KUBE-SEP chain, as last read (`read_counters`).
         self._kernel_counts: dict[str, int] = {}
+        self._refused: set[tuple[ServicePortName, Endpoint]] = set()
 
     # ------------------------------------------------------------------ source handlers
     def on_service(self, key: ServiceKey, ports: tuple[ServicePort, ...] | None) -> None:
@@ -135,8 +136,20 @@ class IptablesProvider:
         out = []
         for name, port in sorted(self.ports.items()):
             local = self.settings.node_name if port.internal_local else None
-            out.append(rules.Backed(port, tuple(self.endpoints.endpoints(name, local_node=local))))
+            endpoints = self.endpoints.endpoints(name, local_node=local)
+            out.append(rules.Backed(port, tuple(self._routable(name, endpoints))))
         return out
+
+    def _routable(self, name: ServicePortName, endpoints: list[Endpoint]) -> Iterator[Endpoint]:
+        """Loopback endpoints are left out: DNAT to 127.0.0.0/8 would hand pods the node's
+        private listeners (the API server refuses such endpoints; a manifest may name them)."""
+        for endpoint in endpoints:
+            if not is_loopback(endpoint.ip):
+                yield endpoint
+            elif (name, endpoint) not in self._refused:
+                self._refused.add((name, endpoint))
+                log.warning("Left out an endpoint on loopback: the kernel modes cannot serve it.",
+                            service=str(name), endpoint=str(endpoint))  # fmt: skip
 
     async def sync(self) -> None:
         async with self._lock:

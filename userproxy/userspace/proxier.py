@@ -30,7 +30,14 @@ from userproxy.balancer import RoundRobinBalancer
 from userproxy.changes import EndpointsCache, ServiceChangeTracker, ServiceKey, names_of
 from userproxy.convert import EndpointsResult
 from userproxy.localaddrs import local_addresses
-from userproxy.model import Endpoint, Family, Protocol, ServicePort, ServicePortName
+from userproxy.model import (
+    Endpoint,
+    Family,
+    Protocol,
+    ServicePort,
+    ServicePortName,
+    is_loopback,
+)
 from userproxy.ports import PortAllocator, PortsExhausted, make_allocator
 from userproxy.provider import (
     Counters,
@@ -81,6 +88,11 @@ class PortRuntime:
     connections: set[ClientSide] = field(default_factory=set)
 
 
+def is_node_client(ip: str) -> bool:
+    """Whether a client connects from this node (loopback or one of the node's addresses)."""
+    return is_loopback(ip) or ip in local_addresses()
+
+
 class Proxier:
     mode = "userspace"
 
@@ -96,7 +108,7 @@ class Proxier:
         relay_budget: RelayBudget | None = None,
     ) -> None:
         self.settings = settings
-        self.balancer = balancer or RoundRobinBalancer()
+        self.balancer = balancer or RoundRobinBalancer(is_node_client=is_node_client)
         self.allocator = allocator or make_allocator(settings.port_range)
         self.clock = clock
         self.portals = portals
@@ -123,7 +135,7 @@ class Proxier:
             service_addresses=self._service_addresses,
             node_ports=self._node_ports,
         )
-        self._loops_reported: set[tuple[ServicePortName, Endpoint]] = set()
+        self._reported: set[tuple[ServicePortName, Endpoint]] = set()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -422,11 +434,20 @@ class Proxier:
             reason = own.loop(endpoint)
             if reason is None:
                 kept.append(endpoint)
-            elif (name, endpoint) not in self._loops_reported:
-                self._loops_reported.add((name, endpoint))
+                self._note_node_only(name, endpoint)
+            elif (name, endpoint) not in self._reported:
+                self._reported.add((name, endpoint))
                 log.error("Refused an endpoint that leads back into this proxy.",
                           service=str(name), reason=reason)  # fmt: skip
         return kept
+
+    def _note_node_only(self, name: ServicePortName, endpoint: Endpoint) -> None:
+        if not is_loopback(endpoint.ip) or (name, endpoint) in self._reported:
+            return
+        self._reported.add((name, endpoint))
+        log.warning("An endpoint on loopback is served only to clients on this node; pods and "
+                    "other hosts are sent to the service's other endpoints.",
+                    service=str(name), endpoint=str(endpoint))  # fmt: skip
 
     def _refresh_local_addresses(self) -> None:
         """A wildcard-bound proxy answers on every node address; they can change."""
