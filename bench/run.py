@@ -16,7 +16,8 @@ keep-alive requests with p50/p99 (nginx backends); 64-byte echo round trips; ipe
 (3,000 held open). Each round runs every workload for every peer, peers in rotating order;
 medians over the rounds. Control plane (userproxy): time and RSS to serve 1,000 and 10,000
 service ports (listeners and rules), and the delay from an endpoint change in the API to new
-connections using it.
+connections using it; a hand-over and a crash restart under steady new-connection load
+(connections failed, long-lived connections lost, time to serve again).
 """
 
 from __future__ import annotations
@@ -476,6 +477,89 @@ async def endpoint_change_delay(b: Bench, repeats: int = 5) -> dict[str, float]:
     return {"endpoint_change_ms": statistics.median(delays)}
 
 
+class RestartLoad:
+    """From the client namespace: new HTTP connections through the web VIP one after another
+    (each answer checked), and long-lived echo connections, while userproxy restarts."""
+
+    def __init__(self, b: Bench, streams: int = 5) -> None:
+        self.b = b
+        self.attempts = self.failures = 0
+        self.stop = threading.Event()
+        self.streams = [b.topo.call("cli", self._open_stream) for _ in range(streams)]
+        self.thread = threading.Thread(target=lambda: b.topo.call("cli", self._loop), daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def _open_stream() -> socket.socket:
+        return socket.create_connection(TARGETS["userproxy"]["echo"], timeout=3)
+
+    def _loop(self) -> None:
+        deadline = time.monotonic() + 120  # bounded whatever happens
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            self.attempts += 1
+            try:
+                with socket.create_connection(TARGETS["userproxy"]["web"], timeout=3) as s:
+                    s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                    data = b""
+                    while chunk := s.recv(4096):
+                        data += chunk
+                ok = data.startswith(b"HTTP/1.1 200") and data.rstrip().endswith((b"be1", b"be2"))
+            except OSError:
+                ok = False
+            self.failures += not ok
+
+    def streams_alive(self) -> int:
+        alive = 0
+        for i, s in enumerate(self.streams):
+            payload = i.to_bytes(4, "big") + os.urandom(60)
+            try:
+                s.sendall(payload)
+                got = b""
+                while len(got) < len(payload):
+                    chunk = s.recv(len(payload) - len(got))
+                    if not chunk:
+                        break
+                    got += chunk
+                alive += got == payload
+            except OSError:
+                pass
+        return alive
+
+    def finish(self) -> tuple[int, int]:
+        self.stop.set()
+        self.thread.join(10)
+        for s in self.streams:
+            s.close()
+        return self.attempts, self.failures
+
+
+async def restarts(b: Bench, running: subprocess.Popen[bytes]) -> tuple[dict[str, float], Any]:
+    """A hand-over (a second `userproxy run` takes over the running one) and a crash restart
+    (SIGKILL, then a new process) under steady new-connection load. Returns the figures and
+    the process left running."""
+    load = RestartLoad(b)
+    await asyncio.sleep(1)
+    successor = await b.start_userproxy()
+    await asyncio.sleep(1)
+    alive = load.streams_alive()
+    attempts, failures = load.finish()  # closing the streams lets the old process finish
+    await asyncio.to_thread(running.wait, 30)
+    out = {"handover_attempts": attempts, "handover_failures": failures,
+           "handover_streams_lost": len(load.streams) - alive}  # fmt: skip
+    load = RestartLoad(b, streams=0)
+    await asyncio.sleep(1)
+    successor.kill()
+    await asyncio.to_thread(successor.wait, 10)
+    killed = time.monotonic()
+    restarted = await b.start_userproxy()
+    out["crash_restart_serving_s"] = time.monotonic() - killed
+    before = load.failures
+    await asyncio.sleep(5)
+    attempts, failures = load.finish()
+    out["crash_failures_after_recovery"] = failures - before
+    return out, restarted
+
+
 # ----------------------------------------------------------------------------- report
 METRICS = [  # key, header, format, higher is better
     ("tcp1_gbps", "TCP 1 stream Gbit/s", "{:.1f}", True),
@@ -550,6 +634,18 @@ def report(medians: dict[str, dict[str, float]], control: dict[str, float], roun
                 control[f"ports{size}_cold_s"], None, "{:.2f} s")  # fmt: skip
             row(f"{size:,} service ports RSS", control[f"ports{size}_rss_mib"],
                 control[f"ports{size}_rss_mib"] <= 300, "{:.0f} MiB")  # fmt: skip
+    if "handover_attempts" in control:
+        row(f"hand-over under load: failed of {control['handover_attempts']:.0f} new "
+            "connections (target 0)", control["handover_failures"],
+            control["handover_failures"] == 0, "{:.0f}")  # fmt: skip
+        row("hand-over: established connections lost (target 0 of 5)",
+            control["handover_streams_lost"], control["handover_streams_lost"] == 0,
+            "{:.0f}")  # fmt: skip
+        row("crash restart (SIGKILL): serving again after", control["crash_restart_serving_s"],
+            None, "{:.2f} s")  # fmt: skip
+        row("crash restart: failed connections once serving again (target 0)",
+            control["crash_failures_after_recovery"],
+            control["crash_failures_after_recovery"] == 0, "{:.0f}")  # fmt: skip
     if "endpoint_change_ms" in control:
         row("endpoint change -> new connections <= 50 ms", control["endpoint_change_ms"],
             control["endpoint_change_ms"] <= 50, "{:.1f} ms")  # fmt: skip
@@ -617,6 +713,10 @@ async def main(args: argparse.Namespace) -> None:
             if args.ports:
                 control.update(await endpoint_change_delay(bench))
             running = userspace
+            if args.restart:
+                figures, running = await restarts(bench, running)
+                control.update(figures)
+                print(f"restarts done at {time.monotonic() - started:.0f}s", flush=True)
             for peer, extra in [(p, e) for p, e in AFTER_ROUNDS.items() if p in args.peers]:
                 running.terminate()
                 await asyncio.to_thread(running.wait, 30)
@@ -656,6 +756,12 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
         "--ports", default="1000,10000", help="control-plane sizes ('' skips the control plane)"
+    )
+    parser.add_argument(
+        "--restart",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure a hand-over and a crash restart under load",
     )
     parser.add_argument(
         "--workloads",

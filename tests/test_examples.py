@@ -17,6 +17,7 @@ import yaml
 from kubernetes_asyncio import client
 
 from userproxy import config
+from userproxy.durations import parse_duration
 from userproxy.sources import kube
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,7 +163,7 @@ def test_the_daemonset_follows_kube_proxys_conventions() -> None:
     options = config.load(objects_by_kind()["ConfigMap"]["data"]["config.conf"])
     health_port = int(options["healthz_bind_address"].rsplit(":", 1)[1])
     assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": health_port}
-    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": health_port}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": health_port}
 
 
 def test_the_container_build_context_is_complete(tmp_path: Path) -> None:
@@ -201,3 +202,17 @@ def test_the_container_build_context_is_complete(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert list(tmp_path.glob("userproxy-*.whl"))
+
+
+def test_the_daemonset_rolls_out_by_hand_over() -> None:
+    ds = objects_by_kind()["DaemonSet"]
+    rolling = ds["spec"]["updateStrategy"]["rollingUpdate"]
+    assert rolling == {"maxSurge": 1, "maxUnavailable": 0}  # the new pod beside the old
+    pod = ds["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert "ports" not in container or all("hostPort" not in p for p in container["ports"])
+    command = container["command"]
+    flags = dict(arg.split("=", 1) for arg in command if arg.startswith("--") and "=" in arg)
+    assert "--linger-after-handover" in container["command"]
+    waits = parse_duration(flags["--successor-wait"]) + parse_duration(flags["--drain-timeout"])
+    assert pod["terminationGracePeriodSeconds"] > waits

@@ -40,7 +40,10 @@ class HungPortals:
     def node_port_errors(self) -> dict[ServicePortName, str]:
         return {}
 
-    async def close(self) -> None:
+    def handover_fds(self) -> list[tuple[str, int]]:
+        return []
+
+    async def close(self, *, keep_rules: bool = False) -> None:
         pass
 
 
@@ -180,4 +183,19 @@ async def test_an_empty_address_disables_a_server() -> None:
     try:
         assert set(servers.bound) == {"metrics"}
     finally:
+        await servers.stop()
+
+
+async def test_readyz_says_ready_only_after_the_first_sync() -> None:
+    proxy = UserProxy(loopback_settings(sync_period=0.5))
+    servers = Servers(proxy, healthz_address="127.0.0.1:0", metrics_address="")
+    await servers.start()
+    try:
+        code, body, _ = await get(servers, "healthz", "/readyz")
+        assert code == 503 and json.loads(body)["firstSyncDone"] is False
+        await proxy.start()
+        code, body, _ = await get(servers, "healthz", "/readyz")
+        assert code == 200 and json.loads(body)["firstSyncDone"] is True
+    finally:
+        await proxy.stop()
         await servers.stop()

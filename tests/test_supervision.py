@@ -62,7 +62,7 @@ async def test_a_failing_source_is_restarted_and_health_says_so_meanwhile(
         await asyncio.Event().wait()
 
     async def run() -> int:
-        return await main._run(proxy, flaky_watch, manifests="test")
+        return await main._run(main.Node.bare(proxy), flaky_watch, manifests="test")
 
     with structlog.testing.capture_logs() as logs:
         running = asyncio.ensure_future(run())
@@ -85,7 +85,9 @@ async def test_run_stops_with_a_non_zero_exit_when_the_sync_loop_ends() -> None:
 
     proxy.runner.run_forever = no_sync  # type: ignore[method-assign]
     forever = asyncio.Event()
-    assert await main._run(proxy, forever.wait, manifests="test") == main.EXIT_FAILED
+    assert (
+        await main._run(main.Node.bare(proxy), forever.wait, manifests="test") == main.EXIT_FAILED
+    )
     assert proxy.sync_task is None
 
 

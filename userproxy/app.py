@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -74,6 +74,10 @@ class UserProxy:
         self.provider.request_sync = self.runner.request
         #: The background sync loop, once started.
         self.sync_task: asyncio.Task[None] | None = None
+        #: Called after every successful sync (the composition root records proxy ports).
+        self.after_sync: list[Callable[[], None]] = []
+        #: Leave the rules in place on stop (a successor serves them, or will).
+        self.keep_rules = False
         self._started = False
 
     def _external_ip_policy(self) -> ExternalIPPolicy:
@@ -85,6 +89,8 @@ class UserProxy:
         if self.router.external_ips.has_external_ips:
             self.router.set_external_ip_policy(self._external_ip_policy())
         await self.provider.sync()
+        for hook in self.after_sync:
+            hook()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -99,7 +105,7 @@ class UserProxy:
         if self.sync_task is not None:
             await tasks.stop_all([self.sync_task])
             self.sync_task = None
-        await self.provider.close()
+        await self.provider.close(keep_rules=self.keep_rules)
 
     async def close_unstarted(self) -> None:
         """Let go of what the provider holds when `start()` was never called."""

@@ -219,6 +219,33 @@ def main() -> None:
 )
 @click.option("--cleanup", is_flag=True, help="Remove userproxy's iptables rules and exit.")
 @click.option(
+    "--drain-timeout",
+    type=DURATION,
+    default="25s",
+    show_default=True,
+    help="After a hand-over, how long established connections and flows may run on.",
+)
+@click.option(
+    "--successor-wait",
+    type=DURATION,
+    default="0s",
+    show_default=True,
+    help="On SIGTERM, serve on this long for a successor to take over, then exit leaving "
+    "the rules (0: remove the rules and exit).",
+)
+@click.option(
+    "--take-over/--no-take-over",
+    default=True,
+    show_default=True,
+    help="If another userproxy manages this node, take over its sockets (a restart with no "
+    "dropped connection); --no-take-over refuses to start instead.",
+)
+@click.option(
+    "--linger-after-handover",
+    is_flag=True,
+    help="After a hand-over and drain, wait for SIGTERM instead of exiting (in a pod).",
+)
+@click.option(
     "--instance-lock/--no-instance-lock",
     default=True,
     show_default=True,

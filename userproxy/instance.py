@@ -14,11 +14,16 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 from pathlib import Path
 
 from userproxy.provider import StartupError
 
 LOCK_DIR = Path("/run/userproxy")
+
+
+class InstanceBusy(StartupError):
+    """Another process holds the lock (a successor may ask it to hand over)."""
 
 
 def namespace_id() -> int:
@@ -28,8 +33,37 @@ def namespace_id() -> int:
 
 class InstanceLock:
     def __init__(self, directory: Path = LOCK_DIR) -> None:
-        self.path = directory / f"netns-{namespace_id()}.lock"
+        stem = directory / f"netns-{namespace_id()}"
+        self.path = stem.with_suffix(".lock")
+        #: Where the holder offers its sockets to a successor (`userproxy.handover`).
+        self.handover_path = stem.with_suffix(".handover")
+        #: Where the holder records its proxy ports, for a restart after a crash.
+        self.journal_path = stem.with_suffix(".ports.json")
         self._fd: int | None = None
+
+    @property
+    def fd(self) -> int | None:
+        return self._fd
+
+    def adopt(self, fd: int) -> None:
+        """Hold the lock through a descriptor the previous holder handed over (the same open
+        file, so the same flock), and say so in the file."""
+        self.release()
+        self._fd = fd
+        self._write_pid()
+
+    def wait(self, timeout: float, *, interval: float = 0.1) -> bool:
+        """Try to take the lock until `timeout` seconds pass (a predecessor is exiting).
+        Blocking: call it in a thread."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.acquire()
+                return True
+            except InstanceBusy:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(interval)
 
     @property
     def held(self) -> bool:
@@ -49,13 +83,17 @@ class InstanceLock:
         except BlockingIOError:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise StartupError(
+            raise InstanceBusy(
                 f"another userproxy (pid {holder}) already manages the rules of this network "
                 f"namespace (it holds {self.path}); stop it first"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+        self._write_pid()
+
+    def _write_pid(self) -> None:
+        assert self._fd is not None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
 
     def release(self) -> None:
         if self._fd is not None:

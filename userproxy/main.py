@@ -9,8 +9,12 @@ serve(settings)  picks the source (manifest files or the API server), builds the
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +22,12 @@ import structlog
 
 from userproxy import modes, tasks
 from userproxy.app import UserProxy
-from userproxy.instance import InstanceLock
+from userproxy.handover.adoption import Adoption
+from userproxy.handover.giver import HandoverServer
+from userproxy.handover.journal import PortJournal
+from userproxy.handover.protocol import LOCK
+from userproxy.handover.taker import Inheritance, Refused, take_over
+from userproxy.instance import InstanceBusy, InstanceLock
 from userproxy.iptables.detect import host_iptables
 from userproxy.provider import Provider, StartupError
 from userproxy.serving.servers import ServerError, Servers
@@ -31,13 +40,189 @@ log = structlog.get_logger("userproxy")
 EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
 
 
-@contextlib.asynccontextmanager
-async def prepared(settings: Settings) -> AsyncIterator[UserProxy]:
-    """A proxy with its provider and its health and metrics servers, not yet started."""
-    lock = InstanceLock() if settings.instance_lock else None
+@dataclass
+class Node:
+    """A proxy with everything the process around it owns: its servers, the instance lock,
+    how it began (inherited sockets), and the hand-over offer to a successor."""
+
+    settings: Settings
+    proxy: UserProxy
+    servers: Servers
+    lock: InstanceLock | None
+    start: Start
+    terminate: asyncio.Event = field(default_factory=asyncio.Event)
+    giver: HandoverServer | None = None
+
+    @classmethod
+    def bare(cls, proxy: UserProxy) -> Node:
+        """A node around an existing proxy, without servers, lock or hand-over (tests)."""
+        servers = Servers(proxy, healthz_address="", metrics_address="")
+        return cls(proxy.settings, proxy, servers, None, Start(Adoption()))
+
+    async def serving(self) -> None:
+        """After the first sync: the predecessor may stop accepting; successors may ask."""
+        if self.lock is not None:
+            journal = PortJournal(self.lock.journal_path)
+            provider = self.proxy.provider
+            self.proxy.after_sync.append(lambda: journal.save(provider.listener_ports()))
+            journal.save(provider.listener_ports())
+        if self.start.inheritance is not None:
+            await self.start.inheritance.confirm()
+            log.info("Took over from the previous process; it stops accepting and drains.",
+                     previous=self.start.inheritance.peer_pid)  # fmt: skip
+        if self.lock is not None:
+            self.giver = HandoverServer(self.lock.handover_path, _Giver(self))
+            await self.giver.start()
+
+    async def outcome(self) -> str:
+        """Wait for how this process's serving ends: `handed-over`, `stepped-aside` (a
+        successor that speaks no common version), or `no-successor` (SIGTERM, then nobody
+        came within --successor-wait). Plain cancellation (SIGINT, SIGTERM without a
+        successor wait) stops the process as before."""
+        offers = self._offers()
+        first = await _first_set({**offers, "terminated": self.terminate})
+        if first != "terminated":
+            assert first is not None  # no timeout
+            return first
+        wait = self.settings.handover.successor_wait
+        log.info("Asked to stop: serving on while a successor may take over.", seconds=wait)
+        return await _first_set(offers, timeout=wait) or "no-successor"
+
+    def _offers(self) -> dict[str, asyncio.Event]:
+        if self.giver is None:
+            return {}
+        return {"handed-over": self.giver.handed_over, "stepped-aside": self.giver.stepped_aside}
+
+    async def finish(self, outcome: str) -> int:
+        """End serving after `outcome`: the rules stay for whoever serves next."""
+        self.proxy.keep_rules = True
+        if outcome == "handed-over":
+            assert self.giver is not None
+            timeout = self.settings.handover.drain_timeout
+            log.info("Handed over; draining the established connections.",
+                     successor=self.giver.successor_pid, timeout=timeout)  # fmt: skip
+            left = await self.proxy.provider.drain(timeout)
+            log.info("Drained; exiting.", cut=left)
+            if self.settings.handover.linger_after_handover:
+                log.info("Waiting for SIGTERM (--linger-after-handover).")
+                await self.terminate.wait()
+        else:
+            log.info("Stopping; the rules stay for the next process.", reason=outcome)
+        return 0
+
+    async def close(self) -> None:
+        if self.giver is not None:
+            await self.giver.close()
+        self.start.abandon()
+
+
+class _Giver:
+    """What the hand-over server asks of this node."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.mode = node.settings.mode
+
+    def handover_fds(self) -> list[tuple[str, int]]:
+        node = self.node
+        fds = node.proxy.provider.handover_fds() + node.servers.handover_fds()
+        if node.lock is not None and node.lock.fd is not None:
+            fds.append((LOCK, node.lock.fd))
+        return fds
+
+    async def pause(self) -> None:
+        await self.node.proxy.runner.pause()
+
+    def resume(self) -> None:
+        self.node.proxy.runner.resume()
+
+    async def release(self) -> None:
+        self.node.proxy.provider.stop_accepting()
+        await self.node.servers.stop()
+
+
+async def _first_set(events: dict[str, asyncio.Event], timeout: float | None = None) -> str | None:
+    """The name of the first event set (None when `timeout` passes first)."""
+    if not events:
+        if timeout is None:
+            await asyncio.Event().wait()
+        await asyncio.sleep(timeout or 0)
+        return None
+    waiters = {asyncio.ensure_future(event.wait()): name for name, event in events.items()}
     try:
-        provider = make_provider(settings, lock)
+        done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+    return waiters[next(iter(done))] if done else None
+
+
+@dataclass
+class Start:
+    """How this process begins: cold (proxy ports from the journal, if a predecessor died),
+    or with the sockets a running predecessor handed over."""
+
+    adoption: Adoption
+    inheritance: Inheritance | None = None
+
+    def abandon(self) -> None:
+        if self.inheritance is not None:
+            self.inheritance.abandon()
+        self.adoption.close_rest()
+
+
+#: Seconds a successor waits for a predecessor that refused hand-over to exit.
+STEP_ASIDE_TIMEOUT = 30.0
+
+
+async def begin(settings: Settings, lock: InstanceLock | None) -> Start:
+    """Take the instance lock, or take over from the process holding it."""
+    if lock is None:
+        return Start(Adoption())
+    journal = PortJournal(lock.journal_path)
+    try:
+        lock.acquire()
+        return Start(Adoption(ports=journal.load()))
+    except InstanceBusy as busy:
+        if not settings.handover.take_over:
+            raise
+        got = await take_over(lock.handover_path, mode=settings.mode)
+        if got is None:
+            raise busy from None
+        if isinstance(got, Refused):
+            log.warning("The running userproxy cannot hand over; waiting for it to exit.",
+                        reason=got.reason)  # fmt: skip
+            if not await asyncio.to_thread(lock.wait, STEP_ASIDE_TIMEOUT):
+                raise busy from None
+            return Start(Adoption(ports=journal.load()))
+    lock_fd = got.take_lock()
+    if lock_fd is None:
+        got.abandon()
+        raise StartupError("the running userproxy handed over no instance lock")
+    lock.adopt(lock_fd)
+    log.info("Taking over from the running userproxy.", previous=got.peer_pid,
+             descriptors=len(got.fds) + 1)  # fmt: skip
+    return Start(got.adoption(ports=journal.load()), got)
+
+
+def writes_rules(settings: Settings) -> bool:
+    """Whether this process will manage the node's rules (and so needs the instance lock)."""
+    if not settings.instance_lock:
+        return False
+    if settings.mode != "userspace":
+        return True
+    return settings.userspace.portals != "off" and os.geteuid() == 0
+
+
+@contextlib.asynccontextmanager
+async def prepared(settings: Settings) -> AsyncIterator[Node]:
+    """A proxy with its provider and its health and metrics servers, not yet started."""
+    lock = InstanceLock() if writes_rules(settings) else None
+    start = await begin(settings, lock)
+    try:
+        provider = make_provider(settings, lock, start.adoption)
     except BaseException:
+        start.abandon()
         if lock is not None:
             lock.release()
         raise
@@ -47,24 +232,43 @@ async def prepared(settings: Settings) -> AsyncIterator[UserProxy]:
         healthz_address=settings.healthz_bind_address,
         metrics_address=settings.metrics_bind_address,
         configz=configz(settings),
+        adoption=start.adoption,
     )
+    node = Node(settings, proxy, servers, lock, start)
     try:
-        await servers.start()
-    except ServerError as err:
-        if settings.bind_address_hard_fail:
-            await servers.stop()
-            await proxy.close_unstarted()
-            if lock is not None:
-                lock.release()
-            raise StartupError(str(err)) from err
-        log.error("Continuing without the server that cannot bind.", reason=str(err))
-    try:
-        yield proxy
+        try:
+            await servers.start()
+        except ServerError as err:
+            if settings.bind_address_hard_fail:
+                raise StartupError(str(err)) from err
+            log.error("Continuing without the server that cannot bind.", reason=str(err))
+        _graceful_sigterm(node)
+        yield node
     finally:
+        await node.close()
         await servers.stop()
         await proxy.close_unstarted()
         if lock is not None:
             lock.release()
+
+
+def _graceful_sigterm(node: Node) -> None:
+    """With --successor-wait, the first SIGTERM asks for a hand-over-friendly stop (see
+    `Node.outcome`); a second one, or SIGINT, stops at once."""
+    if node.settings.handover.successor_wait <= 0 and not (
+        node.settings.handover.linger_after_handover
+    ):
+        return
+    task = asyncio.current_task()
+    assert task is not None
+
+    def on_sigterm() -> None:
+        if node.terminate.is_set():
+            task.cancel()
+        node.terminate.set()
+
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_sigterm)
 
 
 def configz(settings: Settings) -> dict[str, Any]:
@@ -75,7 +279,9 @@ def configz(settings: Settings) -> dict[str, Any]:
     return {k: v for k, v in to_options(settings).items() if k in wanted}
 
 
-def make_provider(settings: Settings, lock: InstanceLock | None = None) -> Provider:
+def make_provider(
+    settings: Settings, lock: InstanceLock | None = None, adoption: Adoption | None = None
+) -> Provider:
     """The provider of `settings.mode` (see `userproxy.modes`). Raises StartupError when the
     host cannot run it as configured, or when another instance manages the rules."""
 
@@ -85,7 +291,7 @@ def make_provider(settings: Settings, lock: InstanceLock | None = None) -> Provi
         remove_rules(keep=settings.mode)
 
     build: Callable[..., Provider] = modes.load(modes.MODES[settings.mode].provider)
-    return build(settings, take_over_rules=take_over_rules)
+    return build(settings, take_over_rules=take_over_rules, adoption=adoption)
 
 
 def _rules_modules(keep: str | None = None) -> list[Any]:
@@ -119,14 +325,15 @@ async def serve(settings: Settings) -> int:
 
 async def serve_manifests(settings: Settings, path: Path) -> int:
     """Serve the Services in `path`, reloading when the files change."""
-    async with prepared(settings) as proxy:
+    async with prepared(settings) as node:
+        proxy = node.proxy
         source = ManifestSource(path, proxy.router, on_change=proxy.runner.request)
         try:
             source.load()
         except ManifestError as err:
             log.error("Cannot read the manifests.", reason=str(err))
             return EXIT_BAD_INPUT
-        return await _run(proxy, source.watch, manifests=str(path))
+        return await _run(node, source.watch, manifests=str(path))
 
 
 async def serve_kubernetes(settings: Settings) -> int:
@@ -144,7 +351,8 @@ async def serve_kubernetes(settings: Settings) -> int:
         )
         return EXIT_BAD_INPUT
     try:
-        async with prepared(settings) as proxy:
+        async with prepared(settings) as node:
+            proxy = node.proxy
             proxy.router.node_port_range = None  # the API server checked its own range
             source = KubeSource(
                 api,
@@ -158,16 +366,18 @@ async def serve_kubernetes(settings: Settings) -> int:
             proxy.runner.request()
             log.info("Listing Services and endpoints.", server=source.server)
             await source.initial_list()
-            return await _run(proxy, source.watch, server=source.server)
+            return await _run(node, source.watch, server=source.server)
     finally:
         await api.close()
 
 
-async def _run(proxy: UserProxy, watch: Callable[[], Awaitable[None]], **source: str) -> int:
+async def _run(node: Node, watch: Callable[[], Awaitable[None]], **source: str) -> int:
     """Start the proxy and run the source's watch (restarted with backoff if it fails; health
     turns unhealthy while it keeps failing) and the sync loop (stopping with exit code 1 if
-    it ever ends: it catches every failure of a sync itself)."""
+    it ever ends: it catches every failure of a sync itself), until a successor takes over."""
+    proxy = node.proxy
     async with proxy:
+        await node.serving()
         _log_running(proxy, **source)
         assert proxy.sync_task is not None
         watching = tasks.restarting(
@@ -176,7 +386,15 @@ async def _run(proxy: UserProxy, watch: Callable[[], Awaitable[None]], **source:
             on_failure=proxy.runner.stall,
             on_recovery=proxy.runner.unstall,
         )
-        ended = await tasks.first_exit({"source": watching, "sync": proxy.sync_task})
+        ended = await tasks.first_exit(
+            {
+                "source": watching,
+                "sync": proxy.sync_task,
+                "lifecycle": tasks.background(node.outcome(), name="lifecycle"),
+            }
+        )
+        if ended.task == "lifecycle" and not ended.failed:
+            return await node.finish(ended.result)
     log.error(
         "A long-lived task ended; stopping.",
         task=ended.task,

@@ -74,6 +74,10 @@ class PortAllocator(Protocol):
 
     def release(self, port: int) -> None: ...
 
+    def claim(self, port: int) -> bool:
+        """Mark a given port as used (one inherited from a predecessor). False if it already
+        is; a port outside the range is not tracked and always granted."""
+
 
 class RangePortAllocator:
     def __init__(self, port_range: PortRange, *, rng: random.Random | None = None) -> None:
@@ -101,6 +105,15 @@ class RangePortAllocator:
         if port in self.range and self._used[port - self.range.begin]:
             self._used[port - self.range.begin] = 0
             self._free += 1
+
+    def claim(self, port: int) -> bool:
+        if port not in self.range:
+            return True
+        if self._used[port - self.range.begin]:
+            return False
+        self._used[port - self.range.begin] = 1
+        self._free -= 1
+        return True
 
     def in_use(self, port: int) -> bool:
         return port in self.range and bool(self._used[port - self.range.begin])

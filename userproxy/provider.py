@@ -152,7 +152,25 @@ class Provider(SourceSink, Protocol):
         `status()`; a no-op where every counter is live in memory."""
         ...
 
-    async def close(self) -> None:
+    async def close(self, *, keep_rules: bool = False) -> None:
         """Stop serving: close listeners and connections, release what was claimed. Whether
-        kernel rules stay (so traffic flows across a restart) is the mode's to decide."""
+        kernel rules stay (so traffic flows across a restart) is the mode's to decide;
+        `keep_rules` (a successor serves them) means they stay."""
+        ...
+
+    # Hand-over to a successor process (`userproxy.handover`).
+    def listener_ports(self) -> dict[str, int]:
+        """The proxy port of every listener, by hand-over key (empty in the kernel modes)."""
+        ...
+
+    def handover_fds(self) -> list[tuple[str, int]]:
+        """Every listening descriptor a successor adopts, by hand-over key."""
+        ...
+
+    def stop_accepting(self) -> None:
+        """A successor serves the same sockets now: take no new connection or flow."""
+        ...
+
+    async def drain(self, timeout: float) -> int:
+        """Wait for open relays to end, up to `timeout` seconds; returns how many are left."""
         ...

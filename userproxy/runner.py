@@ -46,6 +46,18 @@ class SyncRunner:
         #: Wall time since which something that feeds the syncs (a source) is failing.
         self.stalled_since: float | None = None
         self.on_synced: Callable[[float], None] = lambda duration: None
+        self._unpaused = asyncio.Event()
+        self._unpaused.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def pause(self) -> None:
+        """Run no sync until `resume()`; returns once the one in flight, if any, is done."""
+        self._unpaused.clear()
+        await self._idle.wait()
+
+    def resume(self) -> None:
+        self._unpaused.set()
 
     @property
     def pending_since(self) -> float | None:
@@ -81,6 +93,7 @@ class SyncRunner:
             gap = self._last_start + self.min_interval - loop.time()
             if gap > 0:
                 await asyncio.sleep(gap)
+            await self._unpaused.wait()
             await self.run_once()
 
     async def run_once(self) -> None:
@@ -92,6 +105,7 @@ class SyncRunner:
         self.queued_at = None
         # While the sync runs, what it covers is still pending (for health: a hung sync).
         self._in_flight = covered if covered is not None else self._wall()
+        self._idle.clear()
         try:
             await self._sync()
         except Exception:
@@ -102,6 +116,8 @@ class SyncRunner:
             self._wanted.set()
             log.exception("Sync failed; it will be retried.")
             return
+        finally:
+            self._idle.set()
         self._in_flight = None
         self.synced_at = self._wall()
         self.sync_count += 1

@@ -147,6 +147,34 @@ class UserspaceSettings:
 
 
 @dataclass(frozen=True)
+class HandoverSettings:
+    """Restarts without a dropped connection (see `userproxy.handover`)."""
+
+    drain_timeout: float = 25.0
+    """`--drain-timeout`: after handing its sockets to a successor, a process keeps relaying
+    its established connections and UDP flows for at most this long, then exits."""
+
+    successor_wait: float = 0.0
+    """`--successor-wait`: on SIGTERM, keep serving up to this long for a successor to take
+    over (a DaemonSet's replacement pod). If none comes, exit leaving the rules and the
+    proxy-port journal, so the next process serves the same ports. 0: on SIGTERM remove the
+    rules and exit at once."""
+
+    take_over: bool = True
+    """`--take-over/--no-take-over`: a process that finds another managing this network
+    namespace takes over its sockets (a restart); with --no-take-over it refuses to start."""
+
+    linger_after_handover: bool = False
+    """`--linger-after-handover`: once drained after a hand-over, stay (idle) until SIGTERM
+    instead of exiting: under a supervisor that restarts exited processes (a pod's
+    container), exiting would start a process that takes the sockets back."""
+
+    def __post_init__(self) -> None:
+        if self.drain_timeout < 0 or self.successor_wait < 0:
+            raise SettingsError("drain-timeout and successor-wait must not be negative")
+
+
+@dataclass(frozen=True)
 class Settings:
     """`KubeProxyConfiguration`, as userproxy reads it."""
 
@@ -191,6 +219,7 @@ class Settings:
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     sources: SourceSettings = field(default_factory=SourceSettings)
     userspace: UserspaceSettings = field(default_factory=UserspaceSettings)
+    handover: HandoverSettings = field(default_factory=HandoverSettings)
 
     node_name: str = field(init=False, compare=False)
     """This node's name: `hostname_override`, else `NODE_NAME`, else the hostname."""
@@ -310,6 +339,10 @@ OPTIONS: dict[str, str] = {
     "service_node_port_range": "sources.node_port_range",
     "portals": "userspace.portals",
     "workers": "userspace.workers",
+    "drain_timeout": "handover.drain_timeout",
+    "successor_wait": "handover.successor_wait",
+    "linger_after_handover": "handover.linger_after_handover",
+    "take_over": "handover.take_over",
 }
 
 
@@ -338,6 +371,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "logging": LoggingSettings,
     "sources": SourceSettings,
     "userspace": UserspaceSettings,
+    "handover": HandoverSettings,
 }
 
 

@@ -30,6 +30,19 @@ def guarded(coro: Coroutine[Any, Any, Any], *, name: str) -> asyncio.Task[Any]:
     return task
 
 
+def background(coro: Coroutine[Any, Any, Any], *, name: str) -> asyncio.Task[Any]:
+    """`coro` as a task that is expected to end (a batch of work): a failure is logged with
+    `name`, a return is not."""
+    task = asyncio.get_running_loop().create_task(coro, name=name)
+    task.add_done_callback(_report_failure)
+    return task
+
+
+def _report_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        _report(task)
+
+
 def _report(task: asyncio.Task[Any]) -> None:
     if task.cancelled():
         return

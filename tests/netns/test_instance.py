@@ -21,11 +21,11 @@ pytestmark = [
 ]
 
 
-def start(netns: str, manifests: Path) -> subprocess.Popen[str]:
+def start(netns: str, manifests: Path, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         ["ip", "netns", "exec", netns, sys.executable, "-m", "userproxy", "run",
          "--manifests", str(manifests), "--portals", "on", "--log-format", "json",
-         "--healthz-bind-address", "", "--metrics-bind-address", ""],
+         "--healthz-bind-address", "", "--metrics-bind-address", "", *extra],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
     )  # fmt: skip
 
@@ -56,7 +56,7 @@ def test_a_second_instance_refuses_to_start(tmp_path: Path) -> None:
         with start(netns, manifests) as first:
             try:
                 wait_running(first)
-                with start(netns, manifests) as second:
+                with start(netns, manifests, "--no-take-over") as second:
                     _, err = second.communicate(timeout=20)
                 assert second.returncode == 1
                 assert f"another userproxy (pid {first.pid})" in err

@@ -11,7 +11,7 @@ from userproxy.iptables.rule import Rule, Target
 from userproxy.model import Protocol, ServicePort, ServicePortName
 from userproxy.testing.fakes import FakeClaimer, FakeConntrack, FakeIptables
 from userproxy.userspace.portals import backends
-from userproxy.userspace.portals.conntrack import delete_lines
+from userproxy.userspace.portals.conntrack import delete_lines, unredirected_lines
 from userproxy.userspace.portals.interface import ActivePort
 from userproxy.userspace.portals.manager import PortalManager
 from userproxy.userspace.portals.rules import PortalConfig
@@ -204,3 +204,35 @@ async def test_close_removes_only_what_its_backend_owns() -> None:
     assert "KUBE-PORTALS-CONTAINER" not in nat and "SOMEONE-ELSE" in nat
     assert rig.rules("PREROUTING") == ["-A PREROUTING -j SOMEONE-ELSE"]
     assert other.tables["nat"]["KUBE-PORTALS-HOST"]  # the other variant was not touched
+
+
+async def test_entries_made_while_the_rules_were_absent_are_flushed_once_they_are_back() -> None:
+    rig = Rig()
+    await rig.manager.sync([WEB, API])
+    await wait_for(lambda: rig.conntrack.unredirected == [[WEB.port, API.port]], 2)
+    rig.now = 1.0
+    await rig.manager.sync([WEB, API])  # nothing was missing: no flush
+    rig.iptables.tables["nat"]["PREROUTING"].clear()  # someone flushed the jumps
+    rig.iptables.tables["nat"]["OUTPUT"].clear()
+    rig.now = 40.0  # the next full sync heals them, then flushes
+    await rig.manager.sync([WEB, API])
+    await wait_for(lambda: len(rig.conntrack.unredirected) == 2, 2)
+    await rig.manager.close()
+
+
+def test_unredirected_entries_are_recognised_by_their_reply_source() -> None:
+    lines = unredirected_lines([WEB.port, udp("dns", "10.96.0.12", 1).port])
+    assert lines == [
+        "-D -p tcp --orig-dst 10.96.0.10 --orig-port-dst 80 --reply-src 10.96.0.10 "
+        "--reply-port-src 80",
+        "-D -p tcp --orig-port-dst 30080 --reply-port-src 30080",
+        "-D -p udp --orig-dst 10.96.0.12 --orig-port-dst 53 --reply-src 10.96.0.12 "
+        "--reply-port-src 53",
+    ]
+
+
+async def test_close_keeping_the_rules_leaves_them_for_the_successor() -> None:
+    rig = Rig()
+    await rig.manager.sync([WEB])
+    await rig.manager.close(keep_rules=True)
+    assert rig.rules("KUBE-PORTALS-CONTAINER") and not rig.claimer.held

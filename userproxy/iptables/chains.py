@@ -33,6 +33,8 @@ class ChainSync:
         self.iptables = iptables
         self.jumps = tuple(jumps)
         self._written: Ruleset | None = None
+        #: Full writes that found our jumps missing (a first start, or a flush healed).
+        self.jumps_restored = 0
 
     @property
     def name(self) -> str:
@@ -62,6 +64,8 @@ class ChainSync:
             {table: self._list_builtins(table) for table in ruleset.chains}, self.jumps
         )
         plan = plan_jumps({key: jump_targets(lines) for key, lines in current.items()}, self.jumps)
+        if plan.add:
+            self.jumps_restored += 1
         delete: dict[str, list[str]] = {}
         for jump in plan.remove:
             lines = current[(jump.table, jump.chain)]

@@ -193,6 +193,18 @@ class IptablesProvider:
             pending_service_changes=self.tracker.pending,
         )
 
-    async def close(self) -> None:
+    def listener_ports(self) -> dict[str, int]:
+        return {}
+
+    def handover_fds(self) -> list[tuple[str, int]]:
+        return []  # the kernel serves: there is nothing to hand over but the lock
+
+    def stop_accepting(self) -> None:
+        """Nothing accepts here."""
+
+    async def drain(self, timeout: float) -> int:
+        return 0
+
+    async def close(self, *, keep_rules: bool = False) -> None:
         """The rules stay: the kernel keeps serving while no proxy runs."""
         self._thread.close()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import structlog
 
+from userproxy.handover.adoption import Adoption
 from userproxy.iptables.detect import choose_variant, host_iptables
 from userproxy.iptables.exec import ExecIptables
 from userproxy.iptables.interface import RulesError
@@ -21,7 +22,10 @@ from userproxy.settings import Settings
 log = structlog.get_logger("userproxy")
 
 
-def make_provider(settings: Settings, *, take_over_rules: Callable[[], object]) -> IptablesProvider:
+def make_provider(
+    settings: Settings, *, take_over_rules: Callable[[], object], adoption: Adoption | None = None
+) -> IptablesProvider:
+    """`adoption` is unused: the kernel serves, there are no listening sockets to inherit."""
     if os.geteuid() != 0:
         raise StartupError("proxy-mode iptables writes kernel rules: run it as root")
     try:

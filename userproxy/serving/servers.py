@@ -22,6 +22,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from userproxy.app import UserProxy
+from userproxy.handover.adoption import Adoption
+from userproxy.handover.protocol import server_key
 from userproxy.serving import health, status
 from userproxy.serving.metrics import Metrics
 from userproxy.settings import split_address
@@ -42,6 +44,7 @@ class Servers:
         metrics_address: str = "127.0.0.1:10249",
         configz: Mapping[str, Any] | None = None,
         clock: Callable[[], float] = time.time,
+        adoption: Adoption | None = None,
     ) -> None:
         self.proxy = proxy
         self.metrics = Metrics(proxy)
@@ -52,6 +55,9 @@ class Servers:
         #: What each server is bound to, once started (port 0 picks one).
         self.bound: dict[str, tuple[str, int]] = {}
         self._runners: list[web.AppRunner] = []
+        #: Listening descriptors by server name, for a successor to take over.
+        self.fds: dict[str, int] = {}
+        self._adoption = adoption
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -74,6 +80,10 @@ class Servers:
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
+        self.fds.clear()
+
+    def handover_fds(self) -> list[tuple[str, int]]:
+        return [(server_key(name), fd) for name, fd in self.fds.items()]
 
     async def _serve(self, name: str, address: str, app: web.Application) -> None:
         try:
@@ -82,7 +92,12 @@ class Servers:
             raise ServerError(str(err)) from None
         runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=0.5)
         await runner.setup()
-        site = web.TCPSite(runner, host, port, reuse_address=True)
+        inherited = self._adoption.take(server_key(name)) if self._adoption else None
+        site: web.BaseSite
+        if inherited is not None:  # the predecessor's listening socket, as it was bound
+            site = web.SockSite(runner, inherited)
+        else:
+            site = web.TCPSite(runner, host, port, reuse_address=True)
         try:
             await site.start()
         except OSError as err:
@@ -91,6 +106,8 @@ class Servers:
         self._runners.append(runner)
         sockets = getattr(site._server, "sockets", None) or ()
         self.bound[name] = sockets[0].getsockname()[:2] if sockets else (host, port)
+        if sockets:
+            self.fds[name] = sockets[0].fileno()
         log.info(f"Serving {name}.", address=f"{self.bound[name][0]}:{self.bound[name][1]}")
 
     # ------------------------------------------------------------------ health
@@ -114,8 +131,17 @@ class Servers:
             self.metrics.livez.labels(str(verdict.code)).inc()
             return _json(verdict.body(), verdict.code)
 
+        async def readyz(request: web.Request) -> web.Response:
+            """Ready once the first sync has programmed everything, and healthy since: a
+            readiness probe on it says when a new process (a rollout's new pod) serves."""
+            verdict = self.health()
+            ready = verdict.healthy and self.proxy.runner.sync_count > 0
+            body = {**verdict.body(), "firstSyncDone": self.proxy.runner.sync_count > 0}
+            return _json(body, 200 if ready else 503)
+
         app = web.Application()
         app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
         app.router.add_get("/livez", livez)
         return app
 

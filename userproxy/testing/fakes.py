@@ -149,14 +149,19 @@ class FakeIptables:
 
 @dataclass
 class FakeConntrack:
-    """Records the UDP service ports whose conntrack entries were flushed."""
+    """Records the service ports whose conntrack entries were flushed."""
 
     flushed: list[ServicePort] = field(default_factory=list)
     batches: int = 0
+    #: One list per flush of the entries made while the rules were absent.
+    unredirected: list[list[ServicePort]] = field(default_factory=list)
 
     def flush_udp(self, ports: Sequence[ServicePort]) -> None:
         self.flushed.extend(ports)
         self.batches += 1
+
+    def flush_unredirected(self, ports: Sequence[ServicePort]) -> None:
+        self.unredirected.append(list(ports))
 
 
 @dataclass
@@ -175,3 +180,7 @@ class FakeClaimer:
     def release(self, claim: object) -> None:
         assert isinstance(claim, tuple)
         self.held.discard(claim)
+
+    def fileno(self, claim: object) -> int:
+        assert isinstance(claim, tuple)
+        return -int(claim[1])  # a stand-in descriptor, distinct per port

@@ -29,6 +29,8 @@ import structlog
 from userproxy.balancer import RoundRobinBalancer
 from userproxy.changes import EndpointsCache, ServiceChangeTracker, ServiceKey, names_of
 from userproxy.convert import EndpointsResult
+from userproxy.handover.adoption import Adoption
+from userproxy.handover.protocol import listener_key
 from userproxy.localaddrs import local_addresses
 from userproxy.model import (
     Endpoint,
@@ -59,6 +61,8 @@ log = structlog.get_logger("userproxy.userspace.proxier")
 
 #: How many proxy ports of the range to try when binding one fails (port taken by others).
 BIND_ATTEMPTS = 8
+#: Seconds between looks at the relays left while draining.
+DRAIN_POLL = 0.1
 #: A sync that opens more service ports than this logs them in one line (each at debug).
 LOG_EACH_PORT_UP_TO = 20
 
@@ -74,6 +78,14 @@ class Followers(TypingProtocol):
 
     def counters(self) -> Counters:
         """Their traffic counters, summed over the processes."""
+        ...
+
+    def stop_accepting(self) -> None:
+        """A successor serves the proxy ports: take nothing new, relay what is open."""
+        ...
+
+    def relays(self) -> int:
+        """Connections and flows still open in those processes (as last reported)."""
         ...
 
     async def stop(self) -> None: ...
@@ -106,8 +118,11 @@ class Proxier:
         portals: Portals | None = None,
         followers: Followers | None = None,
         relay_budget: RelayBudget | None = None,
+        adoption: Adoption | None = None,
     ) -> None:
         self.settings = settings
+        #: Sockets and proxy ports inherited from a predecessor, until the first sync is done.
+        self.adoption = adoption
         self.balancer = balancer or RoundRobinBalancer(is_node_client=is_node_client)
         self.allocator = allocator or make_allocator(settings.port_range)
         self.clock = clock
@@ -142,14 +157,66 @@ class Proxier:
         if self.followers is not None:
             await self.followers.start()
 
-    async def close(self) -> None:
-        """Stop the followers, remove the portals (their rules would point at closed ports),
-        then close every listener and connection."""
+    async def close(self, *, keep_rules: bool = False) -> None:
+        """Stop the followers, remove the portals (their rules would point at closed ports,
+        unless a successor serves those ports: `keep_rules`), then close every listener and
+        connection."""
         if self.followers is not None:
             await self.followers.stop()
         if self.portals is not None:
-            await self.portals.close()
+            await self.portals.close(keep_rules=keep_rules)
         await self.shutdown()
+
+    # ------------------------------------------------------------------ hand-over
+    def listener_ports(self) -> dict[str, int]:
+        return {
+            listener_key(name, rt.port.protocol): rt.proxy_port
+            for name, rt in self.runtimes.items()
+        }
+
+    def handover_fds(self) -> list[tuple[str, int]]:
+        fds = [
+            (listener_key(name, rt.port.protocol), rt.listener.sock.fileno())
+            for name, rt in self.runtimes.items()
+            if rt.listener.sock is not None
+        ]
+        if self.portals is not None:
+            fds += self.portals.handover_fds()
+        return fds
+
+    def stop_accepting(self, *, shared: bool = True) -> None:
+        """A successor serves the proxy ports: take no new connection or flow. `shared`: the
+        successor holds these very sockets (the leader's); a worker's own sockets must leave
+        their SO_REUSEPORT group instead, or the kernel would keep queueing new clients there."""
+        for runtime in self.runtimes.values():
+            runtime.listener.stop_accepting(keep_socket=shared)
+        if self.followers is not None:
+            self.followers.stop_accepting()
+
+    def relays(self) -> int:
+        """Connections and UDP flows still open in this process and its workers."""
+        mine = sum(runtime.listener.active for runtime in self.runtimes.values())
+        return mine + (self.followers.relays() if self.followers is not None else 0)
+
+    async def drain(self, timeout: float) -> int:
+        """Wait until every relay has ended or `timeout` seconds passed; returns how many are
+        left (they are cut when the proxier closes)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        # A poll: relays end in many places, none of which should know about draining.
+        while (left := self.relays()) and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(min(DRAIN_POLL, max(0.0, deadline - loop.time())))
+        return left
+
+    def _settle_adoption(self) -> None:
+        """After the first sync: inherited sockets no service took are closed."""
+        if self.adoption is None:
+            return
+        adoption, self.adoption = self.adoption, None
+        unused = adoption.close_rest()
+        if adoption.adopted or unused:
+            log.info("Adopted the listening sockets of the previous process.",
+                     adopted=adoption.adopted, closed_unused=unused)  # fmt: skip
 
     def _data_plane_changed(self) -> None:
         if self.followers is not None:
@@ -190,6 +257,7 @@ class Proxier:
             finally:
                 if portals is not None:
                     await portals
+                self._settle_adoption()
 
     async def _start_portal_sync(self) -> asyncio.Future[None] | None:
         if self.portals is None:
@@ -312,6 +380,9 @@ class Proxier:
     def _listen(
         self, port: ServicePort, stats: PortStats, connections: set[ClientSide]
     ) -> tuple[TcpProxy | UdpProxy, int]:
+        inherited = self._inherited(port, stats, connections)
+        if inherited is not None:
+            return inherited
         last_error: OSError | None = None
         for _ in range(BIND_ATTEMPTS):
             wanted = self.allocator.allocate()
@@ -325,6 +396,31 @@ class Proxier:
             return listener, bound
         assert last_error is not None
         raise last_error
+
+    def _inherited(
+        self, port: ServicePort, stats: PortStats, connections: set[ClientSide]
+    ) -> tuple[TcpProxy | UdpProxy, int] | None:
+        """The predecessor's socket for this service port, or a bind to the proxy port it
+        had (after a crash: the rules it left point there)."""
+        if self.adoption is None:
+            return None
+        key = listener_key(port.name, port.protocol)
+        listener = self._make_listener(port, stats, connections)
+        sock = self.adoption.take(key)
+        if sock is not None:
+            proxy_port = listener.adopt(sock)
+            self.allocator.claim(proxy_port)
+            workers = self.settings.userspace.workers
+            if workers > 1 and self.settings.bind_family is Family.IPv4:
+                steer_by_client_ip(sock, workers)
+            return listener, proxy_port
+        wanted = self.adoption.port(key)
+        if wanted is None or not self.allocator.claim(wanted):
+            return None
+        try:
+            return listener, self._bind(listener, wanted)
+        except OSError:
+            return None  # taken meanwhile: the port stays marked, a fresh one is picked
 
     def _bind(self, listener: TcpProxy | UdpProxy, port: int) -> int:
         workers = self.settings.userspace.workers

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import structlog
 
+from userproxy.handover.adoption import Adoption
 from userproxy.iptables.detect import host_iptables
 from userproxy.iptables.interface import RulesError
 from userproxy.provider import StartupError
 from userproxy.settings import Settings
 from userproxy.userspace.portals import backends
+from userproxy.userspace.portals.claims import SocketClaimer
 from userproxy.userspace.portals.manager import PortalManager, detect_host_ip
 from userproxy.userspace.portals.rules import PortalConfig
 from userproxy.userspace.proxier import Proxier
@@ -21,11 +24,34 @@ from userproxy.userspace.workers import WorkerPool
 log = structlog.get_logger("userproxy")
 
 
-def make_provider(settings: Settings, *, take_over_rules: Callable[[], object]) -> Proxier:
-    portals = make_portals(settings, take_over_rules) if portals_wanted(settings) else None
+def make_provider(
+    settings: Settings, *, take_over_rules: Callable[[], object], adoption: Adoption | None = None
+) -> Proxier:
+    """`adoption`: the sockets and proxy ports inherited from a predecessor, if any."""
+    wanted = portals_wanted(settings)
+    portals = make_portals(settings, take_over_rules, adoption) if wanted else None
     workers = settings.userspace.workers
     followers = WorkerPool(workers, settings) if workers > 1 else None
-    return Proxier(settings=settings, portals=portals, followers=followers)
+    if followers is not None and portals is not None:  # a node's proxy, not a test's
+        migrate_queued_connections()
+    return Proxier(settings=settings, portals=portals, followers=followers, adoption=adoption)
+
+
+#: With it, connections queued on a listener that closes move to another listener of its
+#: SO_REUSEPORT group instead of being reset (Linux 5.14+): workers leave their groups when
+#: a successor takes over, and a worker that dies leaves its queue behind.
+MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
+
+
+def migrate_queued_connections() -> None:
+    try:
+        if MIGRATE_REQ.read_text().strip() != "1":
+            MIGRATE_REQ.write_text("1\n")
+            log.info("Set net.ipv4.tcp_migrate_req=1: queued connections of a closing worker "
+                     "listener move to the others.")  # fmt: skip
+    except OSError as err:
+        log.warning("Cannot set net.ipv4.tcp_migrate_req; connections queued on a worker "
+                    "that stops accepting will be reset.", reason=str(err))  # fmt: skip
 
 
 def portals_wanted(settings: Settings) -> bool:
@@ -40,7 +66,9 @@ def portals_wanted(settings: Settings) -> bool:
     return True
 
 
-def make_portals(settings: Settings, take_over_rules: Callable[[], object]) -> PortalManager:
+def make_portals(
+    settings: Settings, take_over_rules: Callable[[], object], adoption: Adoption | None = None
+) -> PortalManager:
     """A portal manager on the chosen backend, after clearing what the other variant may hold
     from an earlier run (rules of both variants would both be evaluated by the kernel), and
     what an earlier run in iptables mode left (a mode switch leaves nothing behind)."""
@@ -62,4 +90,5 @@ def make_portals(settings: Settings, take_over_rules: Callable[[], object]) -> P
         chains=backends.portal_sync(iptables),
         config=config,
         full_sync_period=settings.sync_period,
+        claimer=SocketClaimer(adoption),
     )

@@ -502,6 +502,23 @@ class TcpProxy:
         )
         self._warned_at, self._unlogged = now, 0
 
+    def adopt(self, sock: socket.socket) -> int:
+        """Take over a listening socket a predecessor handed over: bound and listening, its
+        backlog intact. Returns its port."""
+        sock.setblocking(False)
+        self.sock = sock
+        return int(sock.getsockname()[1])
+
+    @property
+    def active(self) -> int:
+        """Relays still open."""
+        return len(self.connections)
+
+    def stop_accepting(self, *, keep_socket: bool = True) -> None:
+        """A successor accepts on the same port now; established relays keep running. (A
+        listening socket is only closed here either way: the successor holds its own copy.)"""
+        self.close_listener()
+
     def close_listener(self) -> None:
         """Stop accepting; established relays keep running."""
         if self._server is not None:

@@ -157,6 +157,38 @@ class UdpProxy:
         self._port = int(sock.getsockname()[1])
         return self._port
 
+    def adopt(self, sock: socket.socket) -> int:
+        """Take over a service socket a predecessor handed over (its options set, datagrams
+        queued). Returns its port."""
+        sock.setblocking(False)
+        host, port = sock.getsockname()[:2]
+        self._pktinfo = sock.family == socket.AF_INET and host == "0.0.0.0"
+        self._sock = sock
+        self._port = int(port)
+        return self._port
+
+    @property
+    def active(self) -> int:
+        """Flows still open."""
+        return len(self.flows)
+
+    def stop_accepting(self, *, keep_socket: bool = True) -> None:
+        """A successor reads the service port now: new clients go to it; this process's flows
+        run until they idle out. `keep_socket`: the successor reads this very socket, which
+        stays open here for the replies of flows without a client socket of their own;
+        otherwise (a worker's socket in an SO_REUSEPORT group) it is closed so the kernel
+        stops choosing it, and such flows end."""
+        if self._sock is None:
+            return
+        if self._reading:
+            self.loop.remove_reader(self._sock.fileno())
+            self._reading = False
+        if not keep_socket:
+            for flow in [f for f in self.flows.values() if f.client_sock is None]:
+                self._close_flow(flow)
+            self._sock.close()
+            self._sock = None
+
     async def start(self) -> None:
         """Read datagrams from the bound socket."""
         assert self._sock is not None, "bind() first"
@@ -372,13 +404,13 @@ class UdpProxy:
             except OSError:
                 self._close_flow(flow)
                 return
-            if service_sock is None:
-                return
             try:
                 if flow.client_sock is not None:
                     flow.client_sock.send(view[:size])
-                else:
+                elif service_sock is not None:
                     service_sock.sendmsg([view[:size]], flow.reply_cmsg, 0, flow.client)
+                else:
+                    return
             except (BlockingIOError, InterruptedError):
                 continue
             except OSError as err:

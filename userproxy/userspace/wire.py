@@ -1,7 +1,8 @@
 """What the leader and its worker processes (`--workers`) say to each other over their
 socketpair: one JSON line per message. Pure.
 
-  leader -> worker   the data plane: per service port, its proxy port, affinity, endpoints
+  leader -> worker   the data plane: per service port, its proxy port, affinity, endpoints;
+                     or "drain" (after a hand-over: accept nothing new)
   worker -> leader   the worker's traffic counters, per service port and endpoint
 """
 
@@ -12,6 +13,9 @@ import json
 
 from userproxy.model import Affinity, Endpoint, Protocol, ServicePort, ServicePortName
 from userproxy.provider import Counters, CountersSnapshot
+
+#: leader -> worker: a successor serves the proxy ports; accept nothing new, keep relaying.
+DRAIN = b'"drain"\n'
 
 #: Per served service port: the port, its proxy port and its endpoints (what workers follow).
 DataPlane = list[tuple[ServicePort, int, list[Endpoint]]]

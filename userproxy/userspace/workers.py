@@ -57,6 +57,8 @@ class WorkerPool:
         self._pending: asyncio.Handle | None = None
         self._state: Callable[[], wire.DataPlane] = list
         self._stopping = False
+        #: A successor serves the ports: no data plane is sent any more.
+        self._draining = False
         #: Workers started, replacements included.
         self.spawned = 0
 
@@ -117,10 +119,24 @@ class WorkerPool:
 
     def _send(self) -> None:
         self._pending = None
+        if self._draining:
+            return
         line = wire.encode_state(self._state())
         for worker in self._workers:
             if worker.writer is not None and not worker.writer.is_closing():
                 worker.writer.write(line)
+
+    def stop_accepting(self) -> None:
+        """Tell every worker a successor serves the proxy ports (see `run_worker`)."""
+        self._draining = True
+        for worker in self._workers:
+            if worker.writer is not None and not worker.writer.is_closing():
+                worker.writer.write(wire.DRAIN)
+
+    def relays(self) -> int:
+        return sum(
+            c.active for w in self._workers for eps in w.counters.values() for c in eps.values()
+        )
 
     def counters(self) -> Counters:
         total: Counters = {}
@@ -177,6 +193,11 @@ async def run_worker(channel_fd: int) -> int:
     reporter = tasks.guarded(report(), name="worker-report")
     try:
         while line := await reader.readline():
+            if line == wire.DRAIN:
+                # A successor's workers serve the ports: this one's sockets leave their
+                # SO_REUSEPORT groups; its relays run on until the leader ends it.
+                proxier.stop_accepting(shared=False)
+                continue
             await proxier.follow(wire.decode_state(line))
     finally:
         await tasks.stop_all([reporter])

@@ -7,6 +7,8 @@ from __future__ import annotations
 import socket
 from typing import Protocol as TypingProtocol
 
+from userproxy.handover.adoption import Adoption
+from userproxy.handover.protocol import claim_key
 from userproxy.model import Protocol
 
 
@@ -17,9 +19,20 @@ class NodePortClaimer(TypingProtocol):
 
     def release(self, claim: object) -> None: ...
 
+    def fileno(self, claim: object) -> int:
+        """The claim's descriptor, to hand over to a successor."""
+        ...
+
 
 class SocketClaimer:
+    def __init__(self, adoption: Adoption | None = None) -> None:
+        #: Claims a predecessor handed over (consulted until its first sync is over).
+        self.adoption = adoption
+
     def claim(self, protocol: Protocol, port: int) -> object:
+        inherited = self.adoption.take(claim_key(protocol, port)) if self.adoption else None
+        if inherited is not None:
+            return inherited
         kind = socket.SOCK_STREAM if protocol is Protocol.TCP else socket.SOCK_DGRAM
         sock = socket.socket(socket.AF_INET, kind)
         try:
@@ -32,3 +45,7 @@ class SocketClaimer:
     def release(self, claim: object) -> None:
         assert isinstance(claim, socket.socket)
         claim.close()
+
+    def fileno(self, claim: object) -> int:
+        assert isinstance(claim, socket.socket)
+        return claim.fileno()

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import structlog
 
 from userproxy import tasks
+from userproxy.handover.protocol import claim_key
 from userproxy.iptables.chains import ChainSync
 from userproxy.iptables.interface import RulesError
 from userproxy.iptables.writer import RuleWriter
@@ -89,6 +90,10 @@ class PortalManager:
         #: UDP ports removed since the last rule write, and the flush in flight.
         self._stale_udp: list[ServicePort] = []
         self._flushing: asyncio.Task[None] | None = None
+        #: Service ports whose un-redirected entries are to go (after a gap in the rules), and
+        #: how many gaps the chain writer has healed so far (the first write is one).
+        self._unredirected: list[ServicePort] = []
+        self._gaps_healed = -1
         #: Descriptors held back for the cleanup on exit: removing the rules runs
         #: iptables-save and iptables-restore (pipes, a process), which must not fail when
         #: the proxy has run out of descriptors, or rules would point at closed ports.
@@ -104,7 +109,12 @@ class PortalManager:
             for a in active
         )
         await self.writer.write(lambda full: self.chains.apply(ruleset, full=full))
-        self._flush_stale_udp()
+        if self._gaps_healed != self.chains.jumps_restored:
+            # The rules were absent until this write (first start, or a flush was healed):
+            # connection attempts in between left entries that bypass them.
+            self._gaps_healed = self.chains.jumps_restored
+            self._unredirected = [a.port for a in active]
+        self._flush_stale()
 
     async def port_removed(self, port: ServicePort) -> None:
         """A UDP port's conntrack entries are flushed once the next rule write has landed
@@ -112,15 +122,20 @@ class PortalManager:
         if port.protocol is Protocol.UDP:
             self._stale_udp.append(port)
 
-    def _flush_stale_udp(self) -> None:
-        if self._stale_udp and (self._flushing is None or self._flushing.done()):
-            self._flushing = tasks.guarded(self._flush(), name="conntrack-flush")
+    def _flush_stale(self) -> None:
+        pending = self._stale_udp or self._unredirected
+        if pending and (self._flushing is None or self._flushing.done()):
+            self._flushing = tasks.background(self._flush(), name="conntrack-flush")
 
     async def _flush(self) -> None:
         loop = asyncio.get_running_loop()
-        while self._stale_udp:
-            ports, self._stale_udp = self._stale_udp, []
-            await loop.run_in_executor(None, self.conntrack.flush_udp, ports)
+        while self._stale_udp or self._unredirected:
+            if self._unredirected:
+                ports, self._unredirected = self._unredirected, []
+                await loop.run_in_executor(None, self.conntrack.flush_unredirected, ports)
+            if self._stale_udp:
+                ports, self._stale_udp = self._stale_udp, []
+                await loop.run_in_executor(None, self.conntrack.flush_udp, ports)
 
     def node_port_errors(self) -> dict[ServicePortName, str]:
         return dict(self._node_port_errors)
@@ -166,10 +181,16 @@ class PortalManager:
             )
         self._node_port_errors[name] = reason
 
+    def handover_fds(self) -> list[tuple[str, int]]:
+        return [
+            (claim_key(protocol, port), self.claimer.fileno(claim.handle))
+            for (protocol, port), claim in self.claims.items()
+        ]
+
     # ------------------------------------------------------------------ shutdown
-    async def close(self) -> None:
+    async def close(self, *, keep_rules: bool = False) -> None:
         """Release the NodePorts and remove the rules this manager's backend owns (they would
-        point at closed ports)."""
+        point at closed ports), unless a successor serves those ports (`keep_rules`)."""
         for claim in self.claims.values():
             self.claimer.release(claim.handle)
         self.claims.clear()
@@ -178,8 +199,9 @@ class PortalManager:
         for fd in self._reserve:
             os.close(fd)
         self._reserve = []
-        try:
-            await self.writer.run(backends.cleanup, self.chains.iptables)
-        except RulesError as err:
-            log.error("Could not remove the portal rules.", reason=str(err))
+        if not keep_rules:
+            try:
+                await self.writer.run(backends.cleanup, self.chains.iptables)
+            except RulesError as err:
+                log.error("Could not remove the portal rules.", reason=str(err))
         self.writer.close()
