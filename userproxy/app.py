@@ -24,9 +24,10 @@ import structlog
 import yaml
 
 from userproxy import tasks
+from userproxy.dualstack import DualStack, settings_for
 from userproxy.externalips import ExternalIPPolicy
 from userproxy.localaddrs import local_addresses
-from userproxy.model import ServicePortName
+from userproxy.model import Family, ServicePortName
 from userproxy.provider import (
     CountersSnapshot,
     Provider,
@@ -47,6 +48,22 @@ class UnknownServicePort(KeyError):
     pass
 
 
+def _userspace(settings: Settings, portals: Portals | None) -> DualStack:
+    """The userspace proxier of the bind address's family (with `portals`), and one for the
+    other family when a dual-stack or IPv6 Service arrives (proxy ports only)."""
+
+    def other(family: Family) -> Proxier | str:
+        family_settings = settings_for(settings, family)
+        return (
+            family_settings
+            if isinstance(family_settings, str)
+            else Proxier(settings=family_settings)
+        )
+
+    primary = Proxier(settings=settings, portals=portals)
+    return DualStack(primary, settings.bind_family, other)
+
+
 class UserProxy:
     def __init__(
         self,
@@ -59,7 +76,7 @@ class UserProxy:
         self.settings = settings or Settings()
         #: The proxy mode serving the traffic: the userspace proxier (with `portals`, when
         #: given) unless the caller built another.
-        self.provider: Provider = provider or Proxier(settings=self.settings, portals=portals)
+        self.provider: Provider = provider or _userspace(self.settings, portals)
         self.router = ObjectRouter(
             self.provider,
             proxy_name=proxy_name,

@@ -193,13 +193,34 @@ def service_ports(obj: Obj) -> ServiceResult:
         raise InvalidObject(f"{describe(obj)}: {err}") from None
 
 
+def _cluster_ips(spec: Obj) -> tuple[str, ...]:
+    """The Service's cluster IPs, one per family, primary first (`clusterIPs`, which the API
+    server fills for every Service since dual-stack; `clusterIP` alone in older objects)."""
+    primary = _ip(spec["clusterIP"], what="clusterIP")
+    listed = [_ip(ip, what="clusterIPs entry") for ip in _list(spec, "clusterIPs")] or [primary]
+    if listed[0] != primary:
+        raise ValueError(f"clusterIPs[0] {listed[0]} is not clusterIP {primary}")
+    families = [Family.of(ip) for ip in listed]
+    if len(listed) > 2 or len(set(families)) != len(families):
+        raise ValueError(f"clusterIPs {listed} must hold at most one address of each family")
+    declared = _list(spec, "ipFamilies")
+    if declared and [str(f) for f in declared[: len(families)]] != [f.value for f in families]:
+        raise ValueError(
+            f"ipFamilies {list(declared)} do not match clusterIPs {listed} (same order expected)"
+        )
+    return tuple(listed)
+
+
 def _service_ports(*, namespace: str, name: str, spec: Obj, status: Any) -> ServiceResult:
-    cluster_ip = _ip(spec["clusterIP"], what="clusterIP")
+    """One service port per port and per cluster IP: a dual-stack Service is served in each
+    family, with that family's externalIPs and load-balancer IPs."""
     external_ips = tuple(_ip(ip, what="externalIP") for ip in _list(spec, "externalIPs"))
     for ip in external_ips:
         if reason := _special_ip(ip):
             raise ValueError(f"externalIP {ip} {reason}")
     ingress = ((status or {}).get("loadBalancer") or {}).get("ingress") or ()
+    lb_ips = _ingress_ips(ingress)
+    cluster_ips = _cluster_ips(spec)
     affinity = _affinity(spec)
     ports_spec = _list(spec, "ports")
     ports: list[ServicePort] = []
@@ -218,18 +239,22 @@ def _service_ports(*, namespace: str, name: str, spec: Obj, status: Any) -> Serv
         if not isinstance(protocol, Protocol):
             problems.append(f"port {port_name or raw.get('port')!r}: {protocol}")
             continue
-        ports.append(
-            ServicePort(
-                name=ServicePortName(namespace, name, port_name, protocol),
-                cluster_ip=cluster_ip,
-                port=_port_number(raw.get("port"), what="port"),
-                node_port=_port_number(raw.get("nodePort") or 0, what="nodePort", allow_zero=True),
-                external_ips=external_ips,
-                load_balancer_ips=_ingress_ips(ingress),
-                affinity=affinity,
-                internal_local=spec.get("internalTrafficPolicy") == "Local",
+        for cluster_ip in cluster_ips:
+            family = Family.of(cluster_ip)
+            ports.append(
+                ServicePort(
+                    name=ServicePortName(namespace, name, port_name, protocol),
+                    cluster_ip=cluster_ip,
+                    port=_port_number(raw.get("port"), what="port"),
+                    node_port=_port_number(
+                        raw.get("nodePort") or 0, what="nodePort", allow_zero=True
+                    ),
+                    external_ips=tuple(ip for ip in external_ips if Family.of(ip) is family),
+                    load_balancer_ips=tuple(ip for ip in lb_ips if Family.of(ip) is family),
+                    affinity=affinity,
+                    internal_local=spec.get("internalTrafficPolicy") == "Local",
+                )
             )
-        )
     return ServiceResult(ports=tuple(ports), problems=tuple(problems))
 
 

@@ -29,6 +29,8 @@ from userproxy.handover.protocol import LOCK
 from userproxy.handover.taker import Inheritance, Refused, take_over
 from userproxy.instance import InstanceBusy, InstanceLock
 from userproxy.iptables.detect import host_iptables
+from userproxy.iptables.interface import Iptables, RulesError
+from userproxy.model import Family
 from userproxy.provider import Provider, StartupError
 from userproxy.serving.servers import ServerError, Servers
 from userproxy.settings import Settings, to_options
@@ -298,18 +300,38 @@ def _rules_modules(keep: str | None = None) -> list[Any]:
     return [modes.load(mode.rules) for name, mode in modes.MODES.items() if name != keep]
 
 
+def _hosts() -> list[Iptables]:
+    """Both iptables variants of IPv4, and of IPv6 where the host has it."""
+    families = [Family.IPv4]
+    if Path("/proc/net/if_inet6").exists():
+        families.append(Family.IPv6)
+    return [iptables for family in families for iptables in host_iptables(family).values()]
+
+
+def _each(hosts: list[Iptables], action: Callable[[Any, Iptables], Any]) -> list[Any]:
+    """`action` on every (rules module, variant); an IPv6 variant the host cannot use (no
+    ip6tables binary or table) is skipped, an IPv4 failure is raised."""
+    out = []
+    for iptables in hosts:
+        for module in _rules_modules():
+            try:
+                out.append(action(module, iptables))
+            except (RulesError, OSError):
+                if iptables.family is Family.IPv4:
+                    raise
+    return out
+
+
 def remove_rules(*, keep: str | None = None) -> int:
-    """Remove every mode's rules (but `keep`'s) from both iptables variants. Idempotent."""
-    hosts = host_iptables().values()
-    return sum(module.cleanup(iptables) for module in _rules_modules(keep) for iptables in hosts)
+    """Remove every mode's rules (but `keep`'s) from both iptables variants, both families.
+    Idempotent."""
+    keep_module = modes.load(modes.MODES[keep].rules) if keep else None
+    return sum(_each(_hosts(), lambda m, ipt: 0 if m is keep_module else m.cleanup(ipt)))
 
 
 def owned_rules_text() -> str:
-    """Every rule any mode owns, in iptables-save form, per variant that has any."""
-    hosts = host_iptables().values()
-    return "".join(
-        module.owned_rules_text(iptables) for module in _rules_modules() for iptables in hosts
-    )
+    """Every rule any mode owns, in iptables-save form, per variant and family that has any."""
+    return "".join(_each(_hosts(), lambda m, ipt: m.owned_rules_text(ipt)))
 
 
 async def serve(settings: Settings) -> int:

@@ -40,6 +40,11 @@ class Family(enum.StrEnum):
     def socket_family(self) -> socket.AddressFamily:
         return socket.AF_INET6 if self is Family.IPv6 else socket.AF_INET
 
+    @property
+    def tool(self) -> str:
+        """The iptables binary family: `iptables` or `ip6tables`."""
+        return "ip6tables" if self is Family.IPv6 else "iptables"
+
     def host_cidr(self, address: str) -> str:
         """The one-address network of `address` (`/32` or `/128`)."""
         return f"{address}/128" if self is Family.IPv6 else f"{address}/32"

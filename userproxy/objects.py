@@ -32,11 +32,17 @@ def service(
     affinity_timeout: int | None = None,
     type: str = "ClusterIP",
     labels: dict[str, str] | None = None,
+    cluster_ips: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """A v1 Service. A port is `(name, port[, protocol])` or a full port dict (for nodePort)."""
+    """A v1 Service. A port is `(name, port[, protocol])` or a full port dict (for nodePort).
+    `cluster_ips` (primary first, `cluster_ip` among them) makes it dual-stack."""
+    ips = list(cluster_ips or [cluster_ip])
     spec: dict[str, Any] = {
         "type": type,
         "clusterIP": cluster_ip,
+        "clusterIPs": ips,
+        "ipFamilies": [Family.of(ip).value for ip in ips],
+        "ipFamilyPolicy": "PreferDualStack" if len(ips) > 1 else "SingleStack",
         "ports": [_port(p) for p in ports],
     }
     if external_ips:

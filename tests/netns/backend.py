@@ -2,6 +2,7 @@
 until the client closes). Runs until killed."""
 
 import asyncio
+import socket
 import sys
 
 NAME = sys.argv[1].encode()
@@ -23,8 +24,13 @@ async def main() -> None:
         def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
             self.transport.sendto(NAME + b"\n", addr)  # type: ignore[attr-defined]
 
-    await asyncio.start_server(tcp, "0.0.0.0", 8080)
-    await asyncio.get_running_loop().create_datagram_endpoint(Udp, local_addr=("0.0.0.0", 8080))
+    loop = asyncio.get_running_loop()
+    await asyncio.start_server(tcp, ["0.0.0.0", "::"], 8080)  # one socket per family
+    await loop.create_datagram_endpoint(Udp, local_addr=("0.0.0.0", 8080))
+    v6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    v6.bind(("::", 8080))
+    await loop.create_datagram_endpoint(Udp, sock=v6)
     print("ready", flush=True)
     await asyncio.Event().wait()
 

@@ -19,6 +19,9 @@ from collections.abc import Iterator
 
 NODE_IP, EXT_IP, POD_GW = "192.168.50.1", "192.168.50.2", "10.244.0.1"
 POD_IPS = {"pod1": "10.244.0.2", "pod2": "10.244.0.3"}
+# IPv6 beside it (nodad: usable at once): the same shape in fd00:50::/64 and fd00:244::/64.
+NODE_IP6, EXT_IP6, POD_GW6 = "fd00:50::1", "fd00:50::2", "fd00:244::1"
+POD_IPS6 = {"pod1": "fd00:244::2", "pod2": "fd00:244::3"}
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 _seq = itertools.count()
@@ -34,9 +37,12 @@ def create() -> dict[str, str]:
         "link set cbr0 up",
         f"link add eth0 type veth peer name eth0 netns {ns['ext']}",
         f"addr add {NODE_IP}/24 dev eth0",
+        f"addr add {POD_GW6}/64 dev cbr0 nodad",
+        f"addr add {NODE_IP6}/64 dev eth0 nodad",
         "link set eth0 up",
         # Host-originated VIP traffic needs a route before OUTPUT nat can rewrite it.
         f"route add default via {EXT_IP}",
+        f"route add default via {EXT_IP6}",
     ]
     groups: list[tuple[str | None, list[str]]] = [(None, [f"netns add {n}" for n in ns.values()])]
     for i, (pod, ip) in enumerate(POD_IPS.items()):
@@ -54,14 +60,24 @@ def create() -> dict[str, str]:
                 [
                     "link set lo up",
                     f"addr add {ip}/24 dev eth0",
+                    f"addr add {POD_IPS6[pod]}/64 dev eth0 nodad",
                     "link set eth0 up",
                     f"route add default via {POD_GW}",
+                    f"route add default via {POD_GW6}",
                 ],
             )
         )
     groups.insert(1, (ns["node"], node))
     groups.append(
-        (ns["ext"], ["link set lo up", f"addr add {EXT_IP}/24 dev eth0", "link set eth0 up"])
+        (
+            ns["ext"],
+            [
+                "link set lo up",
+                f"addr add {EXT_IP}/24 dev eth0",
+                f"addr add {EXT_IP6}/64 dev eth0 nodad",
+                "link set eth0 up",
+            ],
+        )
     )
     try:
         for netns, lines in groups:
@@ -69,6 +85,7 @@ def create() -> dict[str, str]:
             subprocess.run(cmd, input="\n".join(lines) + "\n", text=True, check=True)
         # A Kubernetes node routes for its pods (iptables mode DNATs pod traffic onwards).
         run_in(ns["node"], "sysctl", "-q", "-w", "net.ipv4.ip_forward=1")
+        run_in(ns["node"], "sysctl", "-q", "-w", "net.ipv6.conf.all.forwarding=1")
     except Exception:
         destroy(ns)
         raise
@@ -107,9 +124,11 @@ def inside(name: str) -> Iterator[None]:
         os.close(there)
 
 
-def socket_in(name: str, kind: int = socket.SOCK_STREAM) -> socket.socket:
+def socket_in(
+    name: str, kind: int = socket.SOCK_STREAM, family: int = socket.AF_INET
+) -> socket.socket:
     with inside(name):
-        sock = socket.socket(socket.AF_INET, kind)
+        sock = socket.socket(family, kind)
     sock.setblocking(False)
     return sock
 

@@ -11,6 +11,7 @@ from userproxy.model import (
     Affinity,
     Endpoint,
     EndpointInfo,
+    Family,
     Protocol,
     ServicePortName,
     usable_endpoints,
@@ -220,3 +221,51 @@ def test_names_and_label_values_follow_the_api_servers_rules(change: Any, messag
     change(obj)
     with pytest.raises(convert.InvalidObject, match=message):
         convert.service_ports(obj)
+
+
+# ---------------------------------------------------------------- dual-stack
+def test_a_dual_stack_service_yields_a_service_port_per_family_with_its_own_addresses() -> None:
+    obj = service(
+        "web", cluster_ip="fd00:96::10", cluster_ips=["fd00:96::10", "10.96.0.10"],
+        ports=[("http", 80)], external_ips=["203.0.113.7", "2001:db8::7"],
+        load_balancer_ips=["198.51.100.1", "2001:db8::1"],
+    )  # fmt: skip
+    v6, v4 = convert.service_ports(obj).ports
+    assert (v6.family, v6.cluster_ip, v4.family, v4.cluster_ip) == (
+        Family.IPv6, "fd00:96::10", Family.IPv4, "10.96.0.10",
+    )  # fmt: skip
+    assert v6.external_ips == ("2001:db8::7",) and v4.external_ips == ("203.0.113.7",)
+    assert v6.load_balancer_ips == ("2001:db8::1",) and v4.load_balancer_ips == ("198.51.100.1",)
+    assert v6.name == v4.name
+
+
+def test_a_single_stack_ipv6_service_drops_the_other_familys_external_ips() -> None:
+    obj = service("web", cluster_ip="fd00:96::10", ports=[("http", 80)],
+                  external_ips=["203.0.113.7"])  # fmt: skip
+    (port,) = convert.service_ports(obj).ports
+    assert port.family is Family.IPv6 and port.external_ips == ()
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"clusterIPs": ["10.96.0.11"]}, "is not clusterIP"),
+        ({"clusterIPs": ["10.96.0.10", "10.96.0.11"]}, "at most one address of each family"),
+        ({"clusterIPs": ["10.96.0.10", "fd00::1"], "ipFamilies": ["IPv6", "IPv4"]}, "do not match"),
+        ({"clusterIPs": ["10.96.0.10", "fd00::1", "fd00::2"]}, "at most one address"),
+    ],
+)
+def test_mismatched_dual_stack_fields_are_refused(spec: dict[str, Any], message: str) -> None:
+    obj = service("web", cluster_ip="10.96.0.10", ports=[("http", 80)])
+    obj["spec"].pop("ipFamilies")
+    obj["spec"].update(spec)
+    with pytest.raises(convert.InvalidObject, match=message):
+        convert.service_ports(obj)
+
+
+def test_a_service_without_cluster_ips_still_works() -> None:
+    obj = service("web", cluster_ip="10.96.0.10", ports=[("http", 80)])
+    for field in ("clusterIPs", "ipFamilies", "ipFamilyPolicy"):
+        obj["spec"].pop(field)
+    (port,) = convert.service_ports(obj).ports
+    assert port.cluster_ip == "10.96.0.10"

@@ -9,6 +9,9 @@ import socket
 
 import structlog
 
+from userproxy.handover.protocol import family_of_key
+from userproxy.model import Family
+
 log = structlog.get_logger("userproxy.handover")
 
 
@@ -30,6 +33,16 @@ class Adoption:
     def port(self, key: str) -> int | None:
         """The proxy port `key` had in the previous process (to bind again after a crash)."""
         return self._ports.get(key)
+
+    def part(self, family: Family) -> Adoption:
+        """Move this family's listeners and claims (and their journal ports) into an adoption
+        of their own: each family's provider settles its own after its first sync."""
+        mine = Adoption()
+        for key in [k for k in self._sockets if family_of_key(k) is family]:
+            mine._sockets[key] = self._sockets.pop(key)
+        for key in [k for k in self._ports if family_of_key(k) is family]:
+            mine._ports[key] = self._ports.pop(key)
+        return mine
 
     def close_rest(self) -> int:
         """Close the sockets nobody adopted (their services are gone). Returns how many."""

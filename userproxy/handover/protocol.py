@@ -7,7 +7,7 @@ import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from userproxy.model import Protocol, ServicePortName
+from userproxy.model import Family, Protocol, ServicePortName
 
 #: Protocol versions this build speaks; a giver picks the highest both sides know.
 VERSIONS = (1,)
@@ -92,12 +92,26 @@ def chunks(keys: Sequence[str], size: int = FDS_PER_MESSAGE) -> Iterator[Sequenc
 
 
 # ---------------------------------------------------------------- names of the sockets
-def listener_key(name: ServicePortName, protocol: Protocol) -> str:
-    return f"listener/{protocol.value}/{name}"
+def _proto(protocol: Protocol, family: Family) -> str:
+    """`TCP`, or `TCP6` for IPv6 (as netstat says it): the two families' sockets of one
+    service port are distinct."""
+    return f"{protocol.value}6" if family is Family.IPv6 else protocol.value
 
 
-def claim_key(protocol: Protocol, port: int) -> str:
-    return f"claim/{protocol.value}/{port}"
+def listener_key(name: ServicePortName, protocol: Protocol, family: Family = Family.IPv4) -> str:
+    return f"listener/{_proto(protocol, family)}/{name}"
+
+
+def claim_key(protocol: Protocol, port: int, family: Family = Family.IPv4) -> str:
+    return f"claim/{_proto(protocol, family)}/{port}"
+
+
+def family_of_key(key: str) -> Family | None:
+    """The family of a listener's or a claim's key; None for keys of neither."""
+    kind, _, rest = key.partition("/")
+    if kind not in ("listener", "claim"):
+        return None
+    return Family.IPv6 if rest.partition("/")[0].endswith("6") else Family.IPv4
 
 
 def server_key(which: str) -> str:

@@ -9,6 +9,7 @@ from typing import Literal
 
 from userproxy.iptables.exec import ExecIptables
 from userproxy.iptables.interface import VARIANTS, Iptables, Variant
+from userproxy.model import Family
 
 BackendChoice = Literal["auto", "legacy", "nft"]
 
@@ -31,9 +32,9 @@ def detect_variant(candidates: Mapping[Variant, Iptables]) -> Variant:
     return "legacy" if rule_count(candidates["legacy"]) > rule_count(candidates["nft"]) else "nft"
 
 
-def host_iptables() -> dict[Variant, Iptables]:
+def host_iptables(family: Family = Family.IPv4) -> dict[Variant, Iptables]:
     """The host's two variants, through their binaries (for reading, detection, cleanup)."""
-    return {variant: ExecIptables(variant) for variant in VARIANTS}
+    return {variant: ExecIptables(variant, family) for variant in VARIANTS}
 
 
 def choose_variant(choice: BackendChoice) -> Variant:

@@ -25,7 +25,7 @@ from userproxy.iptables.rule import NAT, Ruleset, plan_jumps
 from userproxy.iptables.text import builtin_chain_lines, chain_names, chains_text, jump_targets
 from userproxy.iptables.writer import RuleWriter
 from userproxy.iptables_mode import rules
-from userproxy.model import Endpoint, Family, ServicePort, ServicePortName, is_loopback
+from userproxy.model import Endpoint, ServicePort, ServicePortName, is_loopback
 from userproxy.provider import EndpointStatus, ProxyStatus, ServicePortStatus
 from userproxy.settings import Settings
 
@@ -156,14 +156,6 @@ class IptablesProvider:
             for _, (previous, current) in self.tracker.take().items():
                 for name in names_of(previous).keys() - names_of(current).keys():
                     self.ports.pop(name, None)
-                for name, port in names_of(current).items():
-                    if port.family is Family.IPv6 and name not in self.ports:
-                        log.warning(
-                            "The service port is IPv6, which userproxy does not serve yet: "
-                            "no rules are written for it.",
-                            service=str(name),
-                            cluster_ip=port.cluster_ip,
-                        )
                 self.ports.update(names_of(current))
             ruleset = rules.build(self.backed(), self.config)
             await self._thread.write(lambda full: self.writer.apply(ruleset, full=full))

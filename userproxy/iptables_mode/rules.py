@@ -50,6 +50,9 @@ HASHED_PREFIXES = ("KUBE-SVC-", "KUBE-SEP-")
 
 NODEPORTS_COMMENT = "kubernetes service nodeports; NOTE: this must be the last rule in this chain"
 REJECT = Target("REJECT", reject_with="icmp-port-unreachable")
+REJECT6 = Target("REJECT", reject_with="icmp6-port-unreachable")
+#: The `recent` match's mask: the whole client address.
+FULL_MASK = {Family.IPv4: "255.255.255.255", Family.IPv6: "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"}
 
 
 def _hash(text: str) -> str:
@@ -98,6 +101,9 @@ class KernelConfig:
     masquerade_all: bool = False
     """`iptables.masqueradeAll`: SNAT all service traffic, not just external and hairpin."""
 
+    family: Family = Family.IPv4
+    """The family of the table these rules go to (iptables or ip6tables)."""
+
 
 def _add(rs: Ruleset, table: str, chain: str, *matches: str, to: Target,
          comment: str | None = None) -> None:  # fmt: skip
@@ -130,21 +136,23 @@ def _match(port: ServicePort, dport: int) -> tuple[str, ...]:
 
 def _service_port(rs: Ruleset, entry: Backed, config: KernelConfig) -> None:
     port = entry.port
-    if port.family is not Family.IPv4 or not port.cluster_ip:
-        return  # iptables is IPv4; IPv6 service ports need ip6tables (not done)
+    family = config.family
+    if port.family is not family or not port.cluster_ip:
+        return  # the other family's provider writes it, in its own table
+    reject = REJECT6 if family is Family.IPv6 else REJECT
     name = safe_comment(str(port.name))
     svc = service_chain(port)
     ips = [(port.cluster_ip, "cluster IP", config.masquerade_all)]
-    ips += [(ip, "external IP", True) for ip in port.external_ips_of(Family.IPv4)]
-    ips += [(ip, "loadbalancer IP", True) for ip in port.load_balancer_ips_of(Family.IPv4)]
+    ips += [(ip, "external IP", True) for ip in port.external_ips_of(family)]
+    ips += [(ip, "loadbalancer IP", True) for ip in port.load_balancer_ips_of(family)]
     if not entry.endpoints:
         for ip, _, _ in ips:
             _add(rs, FILTER, SERVICES, "-d", port.family.host_cidr(ip), *_match(port, port.port),
-                 comment=f"{name} has no endpoints", to=REJECT)  # fmt: skip
+                 comment=f"{name} has no endpoints", to=reject)  # fmt: skip
         if port.node_port:
             _add(rs, FILTER, EXTERNAL_SERVICES, "-m", "addrtype", "--dst-type", "LOCAL",
                  *_match(port, port.node_port), comment=f"{name} has no endpoints",
-                 to=REJECT)  # fmt: skip
+                 to=reject)  # fmt: skip
         return
     for ip, what, masquerade in ips:
         dst = ("-d", port.family.host_cidr(ip), *_match(port, port.port))
@@ -165,7 +173,7 @@ def _balance(rs: Ruleset, entry: Backed, svc: str, name: str) -> None:
     affinity = port.affinity
     if affinity.client_ip:
         for sep, ep in zip(seps, endpoints, strict=True):
-            _add(rs, NAT, svc, "-m", "recent", "--name", sep, "--mask", "255.255.255.255",
+            _add(rs, NAT, svc, "-m", "recent", "--name", sep, "--mask", FULL_MASK[port.family],
                  "--rsource", "--rcheck", "--seconds", str(affinity.timeout_s), "--reap",
                  comment=f"{name} -> {ep}", to=Target(sep))  # fmt: skip
     n = len(seps)
@@ -176,7 +184,7 @@ def _balance(rs: Ruleset, entry: Backed, svc: str, name: str) -> None:
     for sep, ep in zip(seps, endpoints, strict=True):
         rs.declare(NAT, sep)
         _add(rs, NAT, sep, "-s", ep.family.host_cidr(ep.ip), comment=name, to=Target(MARK_MASQ))
-        remember = ("-m", "recent", "--name", sep, "--mask", "255.255.255.255", "--rsource",
+        remember = ("-m", "recent", "--name", sep, "--mask", FULL_MASK[port.family], "--rsource",
                     "--set") if affinity.client_ip else ()  # fmt: skip
         proto = port.protocol.value.lower()
         _add(rs, NAT, sep, "-p", proto, "-m", proto, *remember, comment=name,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import structlog
 
+from userproxy.dualstack import DualStack
 from userproxy.handover.adoption import Adoption
 from userproxy.iptables.detect import choose_variant, host_iptables
 from userproxy.iptables.exec import ExecIptables
@@ -16,6 +17,7 @@ from userproxy.iptables.interface import RulesError
 from userproxy.iptables_mode import provider as iptables_mode
 from userproxy.iptables_mode.provider import IptablesProvider, KernelRuleWriter
 from userproxy.iptables_mode.rules import KernelConfig
+from userproxy.model import Family
 from userproxy.provider import StartupError
 from userproxy.settings import Settings
 
@@ -24,26 +26,44 @@ log = structlog.get_logger("userproxy")
 
 def make_provider(
     settings: Settings, *, take_over_rules: Callable[[], object], adoption: Adoption | None = None
-) -> IptablesProvider:
-    """`adoption` is unused: the kernel serves, there are no listening sockets to inherit."""
+) -> DualStack:
+    """The IPv4 rules in iptables, and the IPv6 ones in ip6tables once an IPv6 or dual-stack
+    Service arrives. `adoption` is unused: the kernel serves, there are no listening sockets
+    to inherit."""
     if os.geteuid() != 0:
         raise StartupError("proxy-mode iptables writes kernel rules: run it as root")
+    primary = Family.IPv4
+
+    def factory(family: Family) -> IptablesProvider | str:
+        try:
+            return _family_provider(settings, family, lambda: None)
+        except StartupError as err:
+            return str(err)
+
+    return DualStack(_family_provider(settings, primary, take_over_rules), primary, factory)
+
+
+def _family_provider(
+    settings: Settings, family: Family, take_over_rules: Callable[[], object]
+) -> IptablesProvider:
     try:
         variant = choose_variant(settings.iptables.backend)
-        writer = KernelRuleWriter(ExecIptables(variant))
+        writer = KernelRuleWriter(ExecIptables(variant, family))
         take_over_rules()  # one instance per node; the userspace mode's portals go
-        for other, host in host_iptables().items():
+        for other, host in host_iptables(family).items():
             if other != variant:
                 iptables_mode.cleanup(host)
     except RulesError as err:
-        raise StartupError(f"cannot program iptables ({err})") from err
-    log.info("Running in iptables mode.", backend=writer.iptables.name)
-    if _sysctl("net/ipv4/ip_forward") == "0":
+        raise StartupError(f"cannot program {family.tool} ({err})") from err
+    log.info("Running in iptables mode.", backend=writer.iptables.name, family=family.value)
+    forwarding = "net/ipv6/conf/all/forwarding" if family is Family.IPv6 else "net/ipv4/ip_forward"
+    if _sysctl(forwarding) == "0":
         log.warning(
-            "net.ipv4.ip_forward is 0: the kernel will drop service traffic it DNATs to "
-            "other hosts or pods; a Kubernetes node needs it set to 1."
+            "Forwarding is off: the kernel will drop service traffic it DNATs to other hosts "
+            "or pods; a Kubernetes node needs it on.",
+            sysctl=forwarding.replace("/", "."),
         )
-    config = KernelConfig(masquerade_all=settings.iptables.masquerade_all)
+    config = KernelConfig(masquerade_all=settings.iptables.masquerade_all, family=family)
     return IptablesProvider(settings=settings, writer=writer, config=config)
 
 

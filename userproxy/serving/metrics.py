@@ -150,11 +150,15 @@ class _ProxyCollector(Collector):
             "Connections or datagrams turned away for lack of endpoints",
             labels=["service_port", "protocol"],
         )
+        # A dual-stack service port appears once per family: its per-port series add up.
+        in_rotation: dict[tuple[str, str], int] = {}
+        turned_away: dict[tuple[str, str], int] = {}
         for sp in status.service_ports:
             base = [str(sp.name), sp.port.protocol.value]
-            endpoints.add_metric(base, sum(not e.removed for e in sp.endpoints))
+            key = (base[0], base[1])
+            in_rotation[key] = in_rotation.get(key, 0) + sum(not e.removed for e in sp.endpoints)
             if sp.rejected is not None:
-                rejected.add_metric(base, sp.rejected)
+                turned_away[key] = turned_away.get(key, 0) + sp.rejected
             for e in sp.endpoints:
                 if e.counters is None:
                     continue  # the kernel carries this traffic
@@ -163,6 +167,10 @@ class _ProxyCollector(Collector):
                     family.add_metric(values, getattr(e.counters, field))
                 if sp.port.protocol is Protocol.UDP:
                     flows.add_metric(values, e.counters.active)
+        for key, count in in_rotation.items():
+            endpoints.add_metric(list(key), count)
+        for key, count in turned_away.items():
+            rejected.add_metric(list(key), count)
         yield from families.values()
         yield flows
         yield endpoints

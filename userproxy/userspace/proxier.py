@@ -34,7 +34,6 @@ from userproxy.handover.protocol import listener_key
 from userproxy.localaddrs import local_addresses
 from userproxy.model import (
     Endpoint,
-    Family,
     Protocol,
     ServicePort,
     ServicePortName,
@@ -170,13 +169,13 @@ class Proxier:
     # ------------------------------------------------------------------ hand-over
     def listener_ports(self) -> dict[str, int]:
         return {
-            listener_key(name, rt.port.protocol): rt.proxy_port
+            listener_key(name, rt.port.protocol, rt.port.family): rt.proxy_port
             for name, rt in self.runtimes.items()
         }
 
     def handover_fds(self) -> list[tuple[str, int]]:
         fds = [
-            (listener_key(name, rt.port.protocol), rt.listener.sock.fileno())
+            (listener_key(name, rt.port.protocol, rt.port.family), rt.listener.sock.fileno())
             for name, rt in self.runtimes.items()
             if rt.listener.sock is not None
         ]
@@ -351,15 +350,6 @@ class Proxier:
         each = log.info if len(started) <= LOG_EACH_PORT_UP_TO else log.debug
         for runtime in started:
             port = runtime.port
-            if port.family is Family.IPv6:
-                log.warning(
-                    "The service port is IPv6, which userproxy does not serve yet: its "
-                    "ClusterIP is not reachable; only its proxy port answers.",
-                    service=str(port.name),
-                    cluster_ip=port.cluster_ip,
-                    proxy_port=runtime.proxy_port,
-                )
-                continue
             each(
                 "Serving the service port.",
                 service=str(port.name),
@@ -404,14 +394,14 @@ class Proxier:
         had (after a crash: the rules it left point there)."""
         if self.adoption is None:
             return None
-        key = listener_key(port.name, port.protocol)
+        key = listener_key(port.name, port.protocol, port.family)
         listener = self._make_listener(port, stats, connections)
         sock = self.adoption.take(key)
         if sock is not None:
             proxy_port = listener.adopt(sock)
             self.allocator.claim(proxy_port)
             workers = self.settings.userspace.workers
-            if workers > 1 and self.settings.bind_family is Family.IPv4:
+            if workers > 1:
                 steer_by_client_ip(sock, workers)
             return listener, proxy_port
         wanted = self.adoption.port(key)
@@ -430,7 +420,7 @@ class Proxier:
             family=self.settings.bind_family,
             reuse_port=self.settings.userspace.workers_reuse_port or workers > 1,
         )
-        if workers > 1 and listener.sock is not None and self.settings.bind_family is Family.IPv4:
+        if workers > 1 and listener.sock is not None:
             steer_by_client_ip(listener.sock, workers)
         return bound
 

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import structlog
 
+from userproxy.dualstack import DualStack, settings_for
 from userproxy.handover.adoption import Adoption
 from userproxy.iptables.detect import host_iptables
 from userproxy.iptables.interface import RulesError
+from userproxy.model import Family
 from userproxy.provider import StartupError
 from userproxy.settings import Settings
 from userproxy.userspace.portals import backends
@@ -26,15 +28,37 @@ log = structlog.get_logger("userproxy")
 
 def make_provider(
     settings: Settings, *, take_over_rules: Callable[[], object], adoption: Adoption | None = None
-) -> Proxier:
-    """`adoption`: the sockets and proxy ports inherited from a predecessor, if any."""
+) -> DualStack:
+    """A proxier per address family (the other family's made when first needed).
+    `adoption`: the sockets and proxy ports inherited from a predecessor, if any."""
+    adoption = adoption or Adoption()
     wanted = portals_wanted(settings)
-    portals = make_portals(settings, take_over_rules, adoption) if wanted else None
-    workers = settings.userspace.workers
-    followers = WorkerPool(workers, settings) if workers > 1 else None
-    if followers is not None and portals is not None:  # a node's proxy, not a test's
-        migrate_queued_connections()
-    return Proxier(settings=settings, portals=portals, followers=followers, adoption=adoption)
+    primary = settings.bind_family
+    parts = {family: adoption.part(family) for family in Family}
+
+    def build(family: Family, family_settings: Settings) -> Proxier:
+        portals = None
+        if wanted:
+            owner = take_over_rules if family is primary else lambda: None
+            portals = make_portals(family_settings, owner, parts[family], family)
+        workers = settings.userspace.workers
+        followers = WorkerPool(workers, family_settings) if workers > 1 else None
+        if followers is not None and portals is not None:  # a node's proxy, not a test's
+            migrate_queued_connections()
+        return Proxier(
+            settings=family_settings, portals=portals, followers=followers, adoption=parts[family]
+        )
+
+    def factory(family: Family) -> Proxier | str:
+        family_settings = settings_for(settings, family)
+        if isinstance(family_settings, str):
+            return family_settings
+        try:
+            return build(family, family_settings)
+        except StartupError as err:
+            return str(err)
+
+    return DualStack(build(primary, settings), primary, factory)
 
 
 #: With it, connections queued on a listener that closes move to another listener of its
@@ -67,28 +91,32 @@ def portals_wanted(settings: Settings) -> bool:
 
 
 def make_portals(
-    settings: Settings, take_over_rules: Callable[[], object], adoption: Adoption | None = None
+    settings: Settings,
+    take_over_rules: Callable[[], object],
+    adoption: Adoption | None = None,
+    family: Family = Family.IPv4,
 ) -> PortalManager:
     """A portal manager on the chosen backend, after clearing what the other variant may hold
     from an earlier run (rules of both variants would both be evaluated by the kernel), and
     what an earlier run in iptables mode left (a mode switch leaves nothing behind)."""
-    host_ip = detect_host_ip() if settings.wildcard_bind else settings.bind_address
+    host_ip = detect_host_ip(family) if settings.wildcard_bind else settings.bind_address
     config = PortalConfig(
         bind_address=settings.bind_address,
         host_ip=host_ip,
         nodeport_cidrs=settings.nodeport_addresses,
+        family=family,
     )
     try:
         take_over_rules()
-        iptables = backends.portal_iptables(settings.iptables.backend)
-        for variant, host in host_iptables().items():
+        iptables = backends.portal_iptables(settings.iptables.backend, family)
+        for variant, host in host_iptables(family).items():
             if variant != iptables.variant:
                 backends.cleanup(host)
     except RulesError as err:
-        raise StartupError(f"cannot program iptables ({err})") from err
+        raise StartupError(f"cannot program {family.tool} ({err})") from err
     return PortalManager(
         chains=backends.portal_sync(iptables),
         config=config,
         full_sync_period=settings.sync_period,
-        claimer=SocketClaimer(adoption),
+        claimer=SocketClaimer(adoption, family),
     )

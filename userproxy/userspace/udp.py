@@ -46,9 +46,32 @@ from userproxy.userspace.tcp import RelayBudget
 log = structlog.get_logger("userproxy.udp")
 
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+IPV6_RECVPKTINFO = getattr(socket, "IPV6_RECVPKTINFO", 49)
+IPV6_PKTINFO = getattr(socket, "IPV6_PKTINFO", 50)
 MAX_DATAGRAM = 65535
+#: struct in_pktinfo (ifindex, spec_dst, addr) and struct in6_pktinfo (addr, ifindex).
 _PKTINFO = struct.Struct("I4s4s")
-_ANCILLARY_SPACE = socket.CMSG_SPACE(_PKTINFO.size)
+_PKTINFO6 = struct.Struct("16sI")
+_ANCILLARY_SPACE = socket.CMSG_SPACE(max(_PKTINFO.size, _PKTINFO6.size))
+WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def _pktinfo_cmsg(local: bytes) -> tuple[int, int, bytes]:
+    """The ancillary item that pins a reply's source to `local` (4 or 16 bytes); read back
+    by `_local_of` as the address a datagram was received on."""
+    if len(local) == 16:
+        return (socket.IPPROTO_IPV6, IPV6_PKTINFO, _PKTINFO6.pack(local, 0))
+    return (socket.SOL_IP, IP_PKTINFO, _PKTINFO.pack(0, local, local))
+
+
+def _local_of(level: int, kind: int, data: bytes) -> bytes | None:
+    if level == socket.SOL_IP and kind == IP_PKTINFO:
+        return bytes(_PKTINFO.unpack_from(data)[2])
+    if level == socket.IPPROTO_IPV6 and kind == IPV6_PKTINFO:
+        return bytes(_PKTINFO6.unpack_from(data)[0])
+    return None
+
+
 #: Datagrams handled per readiness callback before yielding to other sockets.
 READ_BATCH = 128
 #: Receive buffer of a service socket: room for bursts of ~10k small datagrams while the
@@ -144,8 +167,12 @@ class UdpProxy:
             if reuse_port:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             # Only a wildcard-bound socket can pick the wrong reply source (see module doc).
-            self._pktinfo = family is Family.IPv4 and host in ("0.0.0.0", "")
-            if self._pktinfo:
+            self._pktinfo = host in WILDCARDS
+            if family is Family.IPv6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                if self._pktinfo:
+                    sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+            elif self._pktinfo:
                 sock.setsockopt(socket.SOL_IP, IP_PKTINFO, 1)
             _grow_receive_buffer(sock, SERVICE_RCVBUF)
             sock.bind((host, port))
@@ -162,7 +189,7 @@ class UdpProxy:
         queued). Returns its port."""
         sock.setblocking(False)
         host, port = sock.getsockname()[:2]
-        self._pktinfo = sock.family == socket.AF_INET and host == "0.0.0.0"
+        self._pktinfo = host in WILDCARDS
         self._sock = sock
         self._port = int(port)
         return self._port
@@ -304,28 +331,29 @@ class UdpProxy:
             self.loop.add_reader(flow.client_sock.fileno(), self._on_client_datagrams, flow)
 
     def _received_on(self, ancillary: list[tuple[int, int, bytes]]) -> bytes | None:
-        """The (post-NAT) address a datagram was delivered to, from its IP_PKTINFO."""
+        """The (post-NAT) address a datagram was delivered to, from its IP(V6)_PKTINFO."""
         if not self._pktinfo:
             return None
         for level, kind, data in ancillary:
-            if level == socket.SOL_IP and kind == IP_PKTINFO:
-                header_dst: bytes = _PKTINFO.unpack_from(data)[2]
-                return header_dst
+            local = _local_of(level, kind, data)
+            if local is not None:
+                return local
         return None
 
     def _reply_cmsg(self, ancillary: list[tuple[int, int, bytes]]) -> list[tuple[int, int, bytes]]:
         local = self._received_on(ancillary)
-        if local is None:
-            return []
-        return [(socket.SOL_IP, IP_PKTINFO, _PKTINFO.pack(0, local, bytes(4)))]
+        return [] if local is None else [_pktinfo_cmsg(local)]
 
     def _client_socket(self, local: bytes, client: Address) -> socket.socket | None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        family = socket.AF_INET6 if len(local) == 16 else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             _grow_receive_buffer(sock, SERVICE_RCVBUF)  # it takes over the flow's bursts
             sock.setblocking(False)
-            sock.bind((socket.inet_ntoa(local), self._port))
+            sock.bind((socket.inet_ntop(family, local), self._port))
             sock.connect(client)
         except OSError as err:  # the flow still works through the service socket
             sock.close()
@@ -358,8 +386,8 @@ class UdpProxy:
         """Read with the sender's address, relaying each datagram on its sender's flow, until
         the queue is empty once: from then on only the flow's client can be in it."""
         now = self.loop.time()
-        local = client_sock.getsockname()[0]
-        received_on = [(socket.SOL_IP, IP_PKTINFO, _PKTINFO.pack(0, b"", socket.inet_aton(local)))]
+        local = socket.inet_pton(client_sock.family, client_sock.getsockname()[0])
+        received_on = [_pktinfo_cmsg(local)]
         for _ in range(READ_BATCH):
             try:
                 size, sender = client_sock.recvfrom_into(self._buffer)

@@ -19,16 +19,23 @@ from userproxy.iptables.detect import BackendChoice, choose_variant
 from userproxy.iptables.exec import ExecIptables
 from userproxy.iptables.interface import Iptables
 from userproxy.iptables.iptc import IptcIptables
+from userproxy.model import Family
 from userproxy.userspace.portals.rules import CHAINS, JUMPS, OWNED_CHAINS
 
 log = structlog.get_logger("userproxy.iptables")
 
 
-def portal_iptables(choice: BackendChoice) -> Iptables:
-    """The implementation portal rules are written with: python-iptables on legacy hosts."""
+def portal_iptables(choice: BackendChoice, family: Family = Family.IPv4) -> Iptables:
+    """The implementation portal rules are written with: python-iptables on legacy IPv4
+    hosts, the variant's restore binary otherwise (`ip6tables-*-restore` for IPv6)."""
     variant = choose_variant(choice)
-    iptables: Iptables = IptcIptables() if variant == "legacy" else ExecIptables("nft")
-    log.info("Programming portal rules.", backend=iptables.name, requested=choice)
+    iptables: Iptables
+    if variant == "legacy" and family is Family.IPv4:
+        iptables = IptcIptables()
+    else:
+        iptables = ExecIptables(variant, family)
+    log.info("Programming portal rules.", backend=iptables.name, requested=choice,
+             family=family.value)  # fmt: skip
     return iptables
 
 

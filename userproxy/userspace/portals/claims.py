@@ -9,7 +9,7 @@ from typing import Protocol as TypingProtocol
 
 from userproxy.handover.adoption import Adoption
 from userproxy.handover.protocol import claim_key
-from userproxy.model import Protocol
+from userproxy.model import Family, Protocol
 
 
 class NodePortClaimer(TypingProtocol):
@@ -25,18 +25,22 @@ class NodePortClaimer(TypingProtocol):
 
 
 class SocketClaimer:
-    def __init__(self, adoption: Adoption | None = None) -> None:
+    def __init__(self, adoption: Adoption | None = None, family: Family = Family.IPv4) -> None:
         #: Claims a predecessor handed over (consulted until its first sync is over).
         self.adoption = adoption
+        self.family = family
 
     def claim(self, protocol: Protocol, port: int) -> object:
-        inherited = self.adoption.take(claim_key(protocol, port)) if self.adoption else None
+        key = claim_key(protocol, port, self.family)
+        inherited = self.adoption.take(key) if self.adoption else None
         if inherited is not None:
             return inherited
         kind = socket.SOCK_STREAM if protocol is Protocol.TCP else socket.SOCK_DGRAM
-        sock = socket.socket(socket.AF_INET, kind)
+        sock = socket.socket(self.family.socket_family, kind)
         try:
-            sock.bind(("0.0.0.0", port))
+            if self.family is Family.IPv6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(("::" if self.family is Family.IPv6 else "0.0.0.0", port))
         except OSError:
             sock.close()
             raise

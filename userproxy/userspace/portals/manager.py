@@ -23,7 +23,7 @@ from userproxy.handover.protocol import claim_key
 from userproxy.iptables.chains import ChainSync
 from userproxy.iptables.interface import RulesError
 from userproxy.iptables.writer import RuleWriter
-from userproxy.model import Protocol, ServicePort, ServicePortName
+from userproxy.model import Family, Protocol, ServicePort, ServicePortName
 from userproxy.userspace.portals import backends
 from userproxy.userspace.portals.claims import NodePortClaimer, SocketClaimer
 from userproxy.userspace.portals.conntrack import Conntrack, ExecConntrack
@@ -47,17 +47,19 @@ def _reserve_descriptors(count: int) -> list[int]:
     return reserve
 
 
-def detect_host_ip() -> str:
+def detect_host_ip(family: Family = Family.IPv4) -> str:
     """The address of the default-route interface (what the old proxier DNATed host traffic to).
 
     A UDP `connect` only looks up the route; nothing is sent.
     """
-    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe = socket.socket(family.socket_family, socket.SOCK_DGRAM)
+    # Documentation prefixes (TEST-NET-1, 2001:db8::/32): any routable address does.
+    target = ("2001:db8::1", 9) if family is Family.IPv6 else ("192.0.2.1", 9)
     try:
-        probe.connect(("192.0.2.1", 9))  # TEST-NET-1: any routable address does
+        probe.connect(target)
         return str(probe.getsockname()[0])
     except OSError:
-        return "127.0.0.1"
+        return "::1" if family is Family.IPv6 else "127.0.0.1"
     finally:
         probe.close()
 
@@ -183,7 +185,7 @@ class PortalManager:
 
     def handover_fds(self) -> list[tuple[str, int]]:
         return [
-            (claim_key(protocol, port), self.claimer.fileno(claim.handle))
+            (claim_key(protocol, port, self.config.family), self.claimer.fileno(claim.handle))
             for (protocol, port), claim in self.claims.items()
         ]
 

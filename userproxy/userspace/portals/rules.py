@@ -71,6 +71,8 @@ NODEPORT_COMMENT = "handle service NodePorts; NOTE: this must be the last rule i
 NON_LOCAL_COMMENT = "Ensure that non-local NodePort traffic can flow"
 FILTER_COMMENT = "userproxy: refuse traffic to proxy ports that bypassed the portals"
 LOOPBACK_NET = "127.0.0.0/8"
+LOOPBACK_NET6 = "::1/128"
+REFUSE6 = Target("REJECT", reject_with="icmp6-port-unreachable")
 
 
 def _jump(table: str, chain: str, to: str, comment: str, *, first: bool) -> Jump:
@@ -99,6 +101,27 @@ class PortalConfig:
 
     nodeport_cidrs: tuple[str, ...] = ()
     """`--nodeport-addresses`: NodePorts answer only on these; empty means every local address."""
+
+    family: Family = Family.IPv4
+    """The family these rules are for: iptables writes IPv4, ip6tables IPv6."""
+
+    @functools.cached_property
+    def refuse(self) -> Target:
+        """REJECT with the family's ICMP port-unreachable."""
+        return REFUSE if self.family is Family.IPv4 else REFUSE6
+
+    @functools.cached_property
+    def loopback_net(self) -> str:
+        return LOOPBACK_NET if self.family is Family.IPv4 else LOOPBACK_NET6
+
+    @functools.cached_property
+    def node_port_cidrs(self) -> tuple[str, ...] | None:
+        """This family's `--nodeport-addresses` (None: every local address). If the flag
+        lists only the other family's CIDRs, no address of this family answers NodePorts."""
+        if not self.nodeport_cidrs:
+            return None
+        mine = Family.IPv6 if self.family is Family.IPv6 else Family.IPv4
+        return tuple(c for c in self.nodeport_cidrs if Family.of(c) is mine)
 
     @functools.cached_property
     def wildcard(self) -> bool:
@@ -129,6 +152,8 @@ class RuleBuilder:
         fresh: dict[PortalPort, tuple[Rule, ...]] = {}
         proxy_ports: dict[str, list[int]] = {}
         for entry in ports:
+            if entry.port.family is not self.config.family:
+                continue
             rules = self._rules.get(entry)
             if rules is None:
                 rules = tuple(port_rules(entry, self.config))
@@ -137,8 +162,11 @@ class RuleBuilder:
                 ruleset.add(rule)
             proxy_ports.setdefault(entry.port.protocol.value.lower(), []).append(entry.proxy_port)
         self._rules = fresh
+        refuse = self.config.refuse
         guards = [
-            rule for proto, nums in sorted(proxy_ports.items()) for rule in guard_rules(proto, nums)
+            rule
+            for proto, nums in sorted(proxy_ports.items())
+            for rule in guard_rules(proto, nums, refuse)
         ]
         ruleset.chains[FILTER][USERPROXY_FILTER][:0] = guards
         return ruleset
@@ -152,17 +180,18 @@ def port_rules(entry: PortalPort, config: PortalConfig) -> list[Rule]:
     """Every rule of one service port, in the order the old proxier opened its portals
     (the proxy-port guard is shared, see `guard_rules`)."""
     port, proxy_port = entry.port, entry.proxy_port
-    if port.family is not Family.IPv4 or not port.cluster_ip:
-        return []  # the portal tables are IPv4 (iptables); IPv6 services are proxied only
+    family = config.family
+    if port.family is not family or not port.cluster_ip:
+        return []  # the other family's rules are written by its own manager
     container = _container_target(config, proxy_port)
-    host = Target("DNAT", to_destination=f"{_host_address(config)}:{proxy_port}")
+    host = Target("DNAT", to_destination=family.address_port(_host_address(config), proxy_port))
     rules: list[Rule] = []
-    for ip in (port.cluster_ip, *port.load_balancer_ips_of(Family.IPv4)):
+    for ip in (port.cluster_ip, *port.load_balancer_ips_of(family)):
         rules += [
             _rule(PORTALS_CONTAINER, container, port, port.port, dst=port.family.host_cidr(ip)),
             _rule(PORTALS_HOST, host, port, port.port, dst=port.family.host_cidr(ip)),
         ]
-    for ip in port.external_ips_of(Family.IPv4):
+    for ip in port.external_ips_of(family):
         dst = port.family.host_cidr(ip)
         rules += [
             _rule(PORTALS_CONTAINER, container, port, port.port, dst=dst, physdev_not_in=True),
@@ -172,14 +201,14 @@ def port_rules(entry: PortalPort, config: PortalConfig) -> list[Rule]:
     if port.node_port and entry.node_port_claimed:
         rules += _node_port_rules(entry, config, container, host)
     if not entry.has_endpoints:
-        rules.append(_rule(USERPROXY_FILTER, REFUSE, port, proxy_port))
+        rules.append(_rule(USERPROXY_FILTER, config.refuse, port, proxy_port))
     return rules
 
 
 MULTIPORT_SLOTS = 15  # the kernel's xt_multiport limit; a range a:b takes two
 
 
-def guard_rules(protocol: str, proxy_ports: Iterable[int]) -> list[Rule]:
+def guard_rules(protocol: str, proxy_ports: Iterable[int], refuse: Target = REFUSE) -> list[Rule]:
     """Refuse connections to proxy ports that arrive from another host without having been
     NATed by a portal (ctstate DNAT covers REDIRECT too). Ports are packed into multiport
     rules, consecutive ones as ranges: one rule per proxy port would add 10,000 rules to a
@@ -190,19 +219,19 @@ def guard_rules(protocol: str, proxy_ports: Iterable[int]) -> list[Rule]:
     for low, high in _ranges(sorted(set(proxy_ports))):
         item, cost = (str(low), 1) if low == high else (f"{low}:{high}", 2)
         if used + cost > MULTIPORT_SLOTS:
-            rules.append(_guard(protocol, chunk))
+            rules.append(_guard(protocol, chunk, refuse))
             chunk, used = [], 0
         chunk.append(item)
         used += cost
     if chunk:
-        rules.append(_guard(protocol, chunk))
+        rules.append(_guard(protocol, chunk, refuse))
     return rules
 
 
-def _guard(protocol: str, items: list[str]) -> Rule:
+def _guard(protocol: str, items: list[str], refuse: Target) -> Rule:
     return Rule(
         USERPROXY_FILTER,
-        REFUSE,
+        refuse,
         comment=FILTER_COMMENT,
         protocol=protocol,
         dports=",".join(items),
@@ -259,10 +288,12 @@ def _node_port_rules(
 ) -> list[Rule]:
     port = entry.port
     rules: list[Rule] = []
-    for cidr in config.nodeport_cidrs or (None,):
+    cidrs = config.node_port_cidrs
+    for cidr in (None,) if cidrs is None else cidrs:
         if cidr is None:
+            loopback = config.loopback_net
             rules.append(
-                _rule(NODEPORT_CONTAINER, container, port, port.node_port, not_dst=LOOPBACK_NET)
+                _rule(NODEPORT_CONTAINER, container, port, port.node_port, not_dst=loopback)
             )
         elif not ipaddress.ip_network(cidr).is_loopback:
             rules.append(_rule(NODEPORT_CONTAINER, container, port, port.node_port, dst=cidr))
@@ -274,7 +305,9 @@ def _node_port_rules(
 def _container_target(config: PortalConfig, proxy_port: int) -> Target:
     if config.wildcard:
         return Target("REDIRECT", to_ports=proxy_port)
-    return Target("DNAT", to_destination=f"{config.bind_address}:{proxy_port}")
+    return Target(
+        "DNAT", to_destination=config.family.address_port(config.bind_address, proxy_port)
+    )
 
 
 def _host_address(config: PortalConfig) -> str:
