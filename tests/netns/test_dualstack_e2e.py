@@ -120,8 +120,8 @@ async def test_every_path_in_both_families(node: dict[str, str]) -> None:
         ("pod2", topo.NODE_IP6),  # the IPv6 externalIP
     ]  # fmt: skip
     for netns, host in paths:
-        got = {await tcp(node[netns], host, 80) for _ in range(4)}
-        assert got == PODS, (netns, host, "tcp")  # round robin across both pods
+        got = {await tcp(node[netns], host, 80) for _ in range(12)}
+        assert got == PODS, (netns, host, "tcp")  # both pods (iptables mode picks at random)
         assert await udp(node[netns], host, 80) in PODS, (netns, host, "udp")
     for host in (topo.NODE_IP, topo.NODE_IP6):
         assert await tcp(node["ext"], host, NODE_PORT) in PODS, (host, "NodePort")
@@ -142,3 +142,44 @@ async def test_ip6tables_holds_the_rules(node: dict[str, str]) -> None:
         assert "-j KUBE-SVC-" in rules and "[fd00:244::2]:8080" in rules
     else:
         assert "KUBE-NODEPORT-CONTAINER" in rules and "! -d ::1/128" in rules
+
+
+CLIENTS6 = [f"fd00:244::{0x20 + i:x}" for i in range(8)]
+
+
+async def test_two_workers_keep_ipv6_clients_affinity(tmp_path: Path) -> None:
+    """With --workers 2, each IPv6 client address sticks to one pod (the reuseport program
+    steers it to one process by its address, whose balancer holds the affinity)."""
+    ns = topo.create()
+    procs: list[Any] = []
+    try:
+        for address in CLIENTS6:
+            topo.run_in(ns["pod1"], "ip", "addr", "add", f"{address}/64", "dev", "eth0", "nodad")
+        procs += await start_backends(ns)
+        vips = ["10.96.0.42", "fd00:96::42"]
+        sticky = service("sticky", cluster_ip=vips[0], cluster_ips=vips, ports=[("tcp", 80)],
+                         session_affinity=True)  # fmt: skip
+        path = tmp_path / "svc.yaml"
+        path.write_text(yaml.safe_dump_all([
+            sticky,
+            endpoint_slice("sticky", addresses=list(topo.POD_IPS6.values()),
+                           ports=[("tcp", 8080)], name="sticky-6"),
+        ]))  # fmt: skip
+        procs.append(await start_userproxy(ns["node"], "--manifests", str(path), "--workers", "2"))
+        loop = asyncio.get_running_loop()
+        seen: dict[str, set[str]] = {}
+        for address in CLIENTS6:
+            for _ in range(6):
+                sock = topo.socket_in(ns["pod1"], socket.SOCK_STREAM, socket.AF_INET6)
+                try:
+                    sock.bind((address, 0))
+                    await asyncio.wait_for(loop.sock_connect(sock, ("fd00:96::42", 80)), 3)
+                    answer = await asyncio.wait_for(loop.sock_recv(sock, 100), 3)
+                finally:
+                    sock.close()
+                seen.setdefault(address, set()).add(answer.decode().strip())
+        assert all(len(pods) == 1 for pods in seen.values()), seen
+        assert set().union(*seen.values()) <= PODS
+    finally:
+        await stop_all(procs)
+        topo.destroy(ns)

@@ -165,7 +165,7 @@ async def test_deleted_rule_heals_and_services_follow_the_manifest(cluster: Any)
             await asyncio.sleep(0.2)
     # A manifest change is applied within the min sync period (a partial update).
     objs = manifest()
-    objs[2]["spec"]["clusterIP"] = "10.96.0.12"
+    objs[2]["spec"].update(clusterIP="10.96.0.12", clusterIPs=["10.96.0.12"])
     path.write_text(yaml.safe_dump_all(objs))
     deadline = asyncio.get_running_loop().time() + 5
     while "10.96.0.12" not in topo.run_in(ns["node"], sys.executable, "-m", "userproxy", "rules"):
