@@ -57,6 +57,7 @@ SETUPS = {
     "userspace legacy": ("--iptables-backend", "legacy"),
     "userspace nft": ("--iptables-backend", "nft"),
     "iptables mode": ("--iptables-backend", "nft", "--proxy-mode", "iptables"),
+    "userspace bound to ::": ("--iptables-backend", "nft", "--bind-address", "::"),
 }
 
 
@@ -68,6 +69,12 @@ async def node(request: Any, tmp_path: Path) -> AsyncIterator[dict[str, str]]:
         procs += await start_backends(ns)
         path = tmp_path / "svc.yaml"
         path.write_text(yaml.safe_dump_all(manifest()))
+        proxy_ports: dict[str, int] = {}
+
+        def note(event: dict[str, Any]) -> None:
+            if "proxy_port" in event and ":" in event.get("cluster_ip", ""):
+                proxy_ports[f"{event['service']}/{event['protocol']}"] = event["proxy_port"]
+
         procs.append(
             await start_userproxy(
                 ns["node"],
@@ -76,9 +83,11 @@ async def node(request: Any, tmp_path: Path) -> AsyncIterator[dict[str, str]]:
                 *SETUPS[request.param],
                 "--external-ip-cidrs",
                 f"{topo.NODE_IP6}/128",
+                on_event=note,
             )
         )
-        yield {**ns, "setup": request.param}
+        tcp_port = proxy_ports.get("default/web:tcp/TCP")
+        yield {**ns, "setup": request.param, "proxy_port6": str(tcp_port or "")}
     finally:
         await stop_all(procs)
         topo.destroy(ns)
@@ -125,6 +134,15 @@ async def test_every_path_in_both_families(node: dict[str, str]) -> None:
         assert await udp(node[netns], host, 80) in PODS, (netns, host, "udp")
     for host in (topo.NODE_IP, topo.NODE_IP6):
         assert await tcp(node["ext"], host, NODE_PORT) in PODS, (host, "NodePort")
+
+
+async def test_ipv6_proxy_ports_are_no_back_door(node: dict[str, str]) -> None:
+    """A client outside the node that dials the IPv6 proxy port directly (not through a
+    portal) is refused, as for IPv4."""
+    if not node["proxy_port6"]:
+        pytest.skip("the kernel serves: no proxy port")
+    with pytest.raises((ConnectionRefusedError, TimeoutError)):
+        await tcp(node["ext"], topo.NODE_IP6, int(node["proxy_port6"]))
 
 
 async def test_no_endpoints_is_refused_in_both_families(node: dict[str, str]) -> None:
