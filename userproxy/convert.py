@@ -9,6 +9,7 @@ wrong raises `InvalidObject` naming it and the reason; a single port that cannot
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import re
 import socket
@@ -29,6 +30,10 @@ from userproxy.model import (
 )
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+#: The Service annotation asking the userspace proxy to tell TCP backends who the client is
+#: with a PROXY protocol header (`userspace.proxyproto`): `v1` (text) or `v2` (binary).
+PROXY_PROTOCOL_ANNOTATION = "userproxy.io/proxy-protocol"
+PROXY_PROTOCOL_VERSIONS = {"v1": 1, "v2": 2}
 SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
 HEADLESS_LABEL = "service.kubernetes.io/headless"
 
@@ -188,9 +193,30 @@ def service_ports(obj: Obj) -> ServiceResult:
     if reason := service_skip_reason(spec):
         return ServiceResult(skipped=reason)
     try:
-        return _service_ports(namespace=namespace, name=name, spec=spec, status=obj.get("status"))
+        result = _service_ports(namespace=namespace, name=name, spec=spec, status=obj.get("status"))
+        version = _proxy_protocol(obj.get("metadata") or {})
+        if version:
+            ports = tuple(dataclasses.replace(p, proxy_protocol=version) for p in result.ports)
+            result = dataclasses.replace(result, ports=ports)
+        return result
     except (ValueError, TypeError, AttributeError) as err:
         raise InvalidObject(f"{describe(obj)}: {err}") from None
+
+
+def _proxy_protocol(metadata: Obj) -> int:
+    """The PROXY protocol version the Service asks for by annotation (0: none)."""
+    annotations = metadata.get("annotations") or {}
+    if not isinstance(annotations, Mapping):
+        raise ValueError("metadata.annotations is not a mapping")
+    value = annotations.get(PROXY_PROTOCOL_ANNOTATION)
+    if value is None:
+        return 0
+    if value not in PROXY_PROTOCOL_VERSIONS:
+        raise ValueError(
+            f"annotation {PROXY_PROTOCOL_ANNOTATION}={value!r} is not one of "
+            f"{', '.join(PROXY_PROTOCOL_VERSIONS)}"
+        )
+    return PROXY_PROTOCOL_VERSIONS[value]
 
 
 def _cluster_ips(spec: Obj) -> tuple[str, ...]:
@@ -259,10 +285,22 @@ def _service_ports(*, namespace: str, name: str, spec: Obj, status: Any) -> Serv
 
 
 def _ingress_ips(ingress: Any) -> tuple[str, ...]:
-    # Hostname-only ingress entries (AWS ELB style) have nothing to intercept locally.
+    """The load-balancer IPs the node intercepts. Hostname-only entries (AWS ELB style) have
+    nothing to intercept, and neither has `ipMode: Proxy`: that load balancer delivers to the
+    node itself (its own address as destination), so a portal for its IP would capture
+    traffic meant for the load balancer (as kube-proxy, since 1.30)."""
     if not isinstance(ingress, list | tuple):
         raise ValueError("status.loadBalancer.ingress is not a list")
-    return tuple(_ip(i["ip"], what="loadBalancer ingress ip") for i in ingress if i.get("ip"))
+    out = []
+    for entry in ingress:
+        if not isinstance(entry, Mapping):
+            raise ValueError("status.loadBalancer.ingress has an entry that is not a mapping")
+        mode = entry.get("ipMode")
+        if mode not in (None, "VIP", "Proxy"):
+            raise ValueError(f"status.loadBalancer.ingress ipMode {mode!r} is not VIP or Proxy")
+        if entry.get("ip") and mode != "Proxy":
+            out.append(_ip(entry["ip"], what="loadBalancer ingress ip"))
+    return tuple(out)
 
 
 def _list(obj: Obj, field: str, *, within: str = "spec.") -> list[Any] | tuple[Any, ...]:

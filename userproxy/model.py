@@ -100,6 +100,8 @@ class ServicePort:
     affinity: Affinity = NO_AFFINITY
     #: `internalTrafficPolicy: Local`: only endpoints on this node serve cluster traffic.
     internal_local: bool = False
+    #: PROXY protocol version written to backends first (0: none), userspace TCP only.
+    proxy_protocol: int = 0
     #: The family of `cluster_ip`; set when the value is built.
     family: Family = field(init=False, compare=False, repr=False)
 

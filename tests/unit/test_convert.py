@@ -269,3 +269,18 @@ def test_a_service_without_cluster_ips_still_works() -> None:
         obj["spec"].pop(field)
     (port,) = convert.service_ports(obj).ports
     assert port.cluster_ip == "10.96.0.10"
+
+
+def test_an_ip_mode_proxy_ingress_gets_no_portal() -> None:
+    obj = service("web", cluster_ip="10.96.0.10", ports=[("http", 80)], type="LoadBalancer")
+    obj["status"] = {"loadBalancer": {"ingress": [
+        {"ip": "198.51.100.1", "ipMode": "VIP"},
+        {"ip": "198.51.100.2", "ipMode": "Proxy"},
+        {"ip": "198.51.100.3"},
+        {"hostname": "lb.example.com"},
+    ]}}  # fmt: skip
+    (port,) = convert.service_ports(obj).ports
+    assert port.load_balancer_ips == ("198.51.100.1", "198.51.100.3")
+    obj["status"]["loadBalancer"]["ingress"][0]["ipMode"] = "Tunnel"
+    with pytest.raises(convert.InvalidObject, match="ipMode"):
+        convert.service_ports(obj)

@@ -99,6 +99,12 @@ class PortRuntime:
     connections: set[ClientSide] = field(default_factory=set)
 
 
+def _configure(listener: TcpProxy | UdpProxy, port: ServicePort) -> None:
+    """What a listener takes from its service port without being rebuilt."""
+    if isinstance(listener, TcpProxy):
+        listener.proxy_protocol = port.proxy_protocol
+
+
 def is_node_client(ip: str) -> bool:
     """Whether a client connects from this node (loopback or one of the node's addresses)."""
     return is_loopback(ip) or ip in local_addresses()
@@ -284,6 +290,7 @@ class Proxier:
         self.balancer.set_affinity(port.name, port.affinity)
         if runtime is not None and runtime.port.listener_identity() == port.listener_identity():
             runtime.port = port
+            _configure(runtime.listener, port)
             return
         stats, connections = PortStats(), set[ClientSide]()
         if runtime is not None:
@@ -461,7 +468,7 @@ class Proxier:
         self, port: ServicePort, stats: PortStats, connections: set[ClientSide]
     ) -> TcpProxy | UdpProxy:
         if port.protocol is Protocol.TCP:
-            return TcpProxy(
+            tcp = TcpProxy(
                 name=port.name,
                 balancer=self.balancer,
                 stats=stats,
@@ -469,6 +476,8 @@ class Proxier:
                 clock=self.clock,
                 budget=self.relay_budget,
             )
+            _configure(tcp, port)
+            return tcp
         return UdpProxy(
             name=port.name,
             balancer=self.balancer,

@@ -34,6 +34,8 @@ import structlog
 
 from userproxy.balancer import BalancerError, RoundRobinBalancer
 from userproxy.model import Family, ServicePortName
+from userproxy.userspace import proxyproto
+from userproxy.userspace.proxyproto import original_destination
 from userproxy.userspace.splice import (
     SPLICE_AFTER,
     SpliceRelay,
@@ -267,6 +269,8 @@ class ClientSide(_Side):
         counters = self.counters = backend.counters
         counters.active += 1
         counters.total += 1
+        if self.service.proxy_protocol:
+            backend.transport.write(self.proxy_header(self.service.proxy_protocol))
         if self.early:
             backend.transport.writelines(self.early)
             counters.bytes_from_clients += self.early_size
@@ -376,6 +380,17 @@ class ClientSide(_Side):
         peer = self.transport.get_extra_info("peername")
         return str(peer[0]) if peer else ""
 
+    def proxy_header(self, version: int) -> bytes:
+        """The PROXY protocol header: this client, and the service address it dialled (the
+        proxy port itself when no portal redirected it)."""
+        transport = self.transport
+        peer = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("socket")
+        dialled = original_destination(sock) if sock is not None else None
+        if dialled is None:
+            dialled = transport.get_extra_info("sockname")[:2]
+        return proxyproto.header(version, (peer[0], peer[1]), (dialled[0], dialled[1]))
+
 
 class TcpProxy:
     """The listener of one TCP service port and the relays it accepted."""
@@ -392,6 +407,8 @@ class TcpProxy:
         budget: RelayBudget | None = None,
     ) -> None:
         self.name = name
+        #: PROXY protocol version sent to backends first (0: none); see `proxyproto`.
+        self.proxy_protocol = 0
         self.budget = budget or RelayBudget()
         self.balancer = balancer
         self.stats = stats

@@ -31,6 +31,7 @@ def encode_state(ports: DataPlane) -> bytes:
             "cluster_ip": p.cluster_ip,
             "service_port": p.port,
             "affinity": [p.affinity.client_ip, p.affinity.timeout_s],
+            "proxy_protocol": p.proxy_protocol,
             "proxy_port": proxy_port,
             "endpoints": [[e.ip, e.port] for e in endpoints],
         }
@@ -48,6 +49,7 @@ def decode_state(line: bytes) -> DataPlane:
             item["cluster_ip"],
             item["service_port"],
             affinity=Affinity(bool(item["affinity"][0]), int(item["affinity"][1])),
+            proxy_protocol=int(item.get("proxy_protocol", 0)),
         )
         out.append(
             (port, int(item["proxy_port"]), [Endpoint(ip, p) for ip, p in item["endpoints"]])
