@@ -247,6 +247,9 @@ def _service_ports(*, namespace: str, name: str, spec: Obj, status: Any) -> Serv
     ingress = ((status or {}).get("loadBalancer") or {}).get("ingress") or ()
     lb_ips = _ingress_ips(ingress)
     cluster_ips = _cluster_ips(spec)
+    health_port = _port_number(
+        spec.get("healthCheckNodePort") or 0, what="healthCheckNodePort", allow_zero=True
+    )
     affinity = _affinity(spec)
     ports_spec = _list(spec, "ports")
     ports: list[ServicePort] = []
@@ -279,6 +282,7 @@ def _service_ports(*, namespace: str, name: str, spec: Obj, status: Any) -> Serv
                     load_balancer_ips=tuple(ip for ip in lb_ips if Family.of(ip) is family),
                     affinity=affinity,
                     internal_local=spec.get("internalTrafficPolicy") == "Local",
+                    health_check_node_port=health_port,
                 )
             )
     return ServiceResult(ports=tuple(ports), problems=tuple(problems))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -30,9 +31,11 @@ from userproxy.handover.taker import Inheritance, Refused, take_over
 from userproxy.instance import InstanceBusy, InstanceLock
 from userproxy.iptables.detect import host_iptables
 from userproxy.iptables.interface import Iptables, RulesError
+from userproxy.localaddrs import local_addresses
 from userproxy.model import Family
 from userproxy.provider import Provider, StartupError
 from userproxy.serving.servers import ServerError, Servers
+from userproxy.serving.servicehealth import ServiceHealthServers
 from userproxy.settings import Settings, to_options
 from userproxy.sources.manifests import ManifestError, ManifestSource
 
@@ -54,6 +57,7 @@ class Node:
     start: Start
     terminate: asyncio.Event = field(default_factory=asyncio.Event)
     giver: HandoverServer | None = None
+    health_checks: ServiceHealthServers | None = None
 
     @classmethod
     def bare(cls, proxy: UserProxy) -> Node:
@@ -62,7 +66,9 @@ class Node:
         return cls(proxy.settings, proxy, servers, None, Start(Adoption()))
 
     async def serving(self) -> None:
-        """After the first sync: the predecessor may stop accepting; successors may ask."""
+        """After the first sync: the Services' health checks open, the predecessor may stop
+        accepting, successors may ask."""
+        await self._serve_health_checks()
         if self.lock is not None:
             journal = PortJournal(self.lock.journal_path)
             provider = self.proxy.provider
@@ -90,6 +96,20 @@ class Node:
         log.info("Asked to stop: serving on while a successor may take over.", seconds=wait)
         return await _first_set(offers, timeout=wait) or "no-successor"
 
+    async def _serve_health_checks(self) -> None:
+        checks = self.health_checks = ServiceHealthServers(
+            proxy_healthy=lambda: self.servers.health().healthy,
+            addresses=lambda: health_check_addresses(self.settings),
+            adoption=self.start.adoption,
+        )
+
+        def after_sync() -> None:
+            tasks.background(checks.update(self.proxy.status()), name="service-health")
+
+        self.proxy.after_sync.append(after_sync)
+        await checks.update(self.proxy.status())
+        self.start.adoption.close_rest()  # inherited sockets nothing took: their owners are gone
+
     def _offers(self) -> dict[str, asyncio.Event]:
         if self.giver is None:
             return {}
@@ -115,6 +135,8 @@ class Node:
     async def close(self) -> None:
         if self.giver is not None:
             await self.giver.close()
+        if self.health_checks is not None:
+            await self.health_checks.close()
         self.start.abandon()
 
 
@@ -128,6 +150,8 @@ class _Giver:
     def handover_fds(self) -> list[tuple[str, int]]:
         node = self.node
         fds = node.proxy.provider.handover_fds() + node.servers.handover_fds()
+        if node.health_checks is not None:
+            fds += node.health_checks.handover_fds()
         if node.lock is not None and node.lock.fd is not None:
             fds.append((LOCK, node.lock.fd))
         return fds
@@ -141,6 +165,8 @@ class _Giver:
     async def release(self) -> None:
         self.node.proxy.provider.stop_accepting()
         await self.node.servers.stop()
+        if self.node.health_checks is not None:
+            await self.node.health_checks.close()
 
 
 async def _first_set(events: dict[str, asyncio.Event], timeout: float | None = None) -> str | None:
@@ -205,6 +231,17 @@ async def begin(settings: Settings, lock: InstanceLock | None) -> Start:
     log.info("Taking over from the running userproxy.", previous=got.peer_pid,
              descriptors=len(got.fds) + 1)  # fmt: skip
     return Start(got.adoption(ports=journal.load()), got)
+
+
+def health_check_addresses(settings: Settings) -> list[str]:
+    """Where Service health checks listen: every address, or the node's addresses within
+    `--nodeport-addresses` (as NodePorts)."""
+    if not settings.nodeport_addresses:
+        return ["0.0.0.0", "::"]
+    networks = [ipaddress.ip_network(cidr) for cidr in settings.nodeport_addresses]
+    return sorted(
+        ip for ip in local_addresses() if any(ipaddress.ip_address(ip) in n for n in networks)
+    )
 
 
 def writes_rules(settings: Settings) -> bool:

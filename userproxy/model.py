@@ -102,6 +102,8 @@ class ServicePort:
     internal_local: bool = False
     #: PROXY protocol version written to backends first (0: none), userspace TCP only.
     proxy_protocol: int = 0
+    #: `spec.healthCheckNodePort`: where this node says whether it has local endpoints.
+    health_check_node_port: int = 0
     #: The family of `cluster_ip`; set when the value is built.
     family: Family = field(init=False, compare=False, repr=False)
 

@@ -71,6 +71,8 @@ class ServicePortStatus:
     rejected: int | None = None
     #: Why the NodePort is not served (a clash), if it is not.
     node_port_error: str | None = None
+    #: Ready endpoints on this node (what the service health check reports).
+    local_endpoints: int = 0
 
     @property
     def name(self) -> ServicePortName:

@@ -173,6 +173,9 @@ class IptablesProvider:
                     port=b.port,
                     proxy_port=None,
                     has_endpoints=bool(b.endpoints),
+                    local_endpoints=len(
+                        self.endpoints.endpoints(b.port.name, local_node=self.settings.node_name)
+                    ),
                     endpoints=tuple(
                         EndpointStatus(
                             ep, kernel_connections=counts.get(rules.endpoint_chain(b.port, ep), 0)

@@ -597,6 +597,9 @@ class Proxier:
             endpoints=tuple(rows[ep] for ep in sorted(rows)),
             rejected=rt.stats.rejected,
             node_port_error=node_port_error,
+            local_endpoints=len(
+                self.endpoints.endpoints(rt.port.name, local_node=self.settings.node_name)
+            ),
         )
 
     async def read_counters(self) -> None:
