@@ -307,3 +307,13 @@ def test_ls_with_a_bad_address_and_config_to_stdout(tmp_path: Path) -> None:
     assert result.exit_code == 0
     assert "udpIdleTimeout: 5s" in result.output
     assert not (Path.cwd() / "-").exists()
+
+
+def test_console_logs_into_a_pipe_have_no_colour_codes(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "userproxy", "run", "--log-format", "console",
+         "--manifests", str(tmp_path / "missing.yaml"), "--portals", "off"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0 and result.stderr
+    assert "\x1b[" not in result.stderr

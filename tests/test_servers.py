@@ -199,3 +199,23 @@ async def test_readyz_says_ready_only_after_the_first_sync() -> None:
     finally:
         await proxy.stop()
         await servers.stop()
+
+
+async def test_configz_speaks_kube_proxy_configuration_field_names() -> None:
+    from userproxy.main import configz_document
+
+    settings = loopback_settings(udp_idle_timeout=0.5)
+    proxy = UserProxy(settings)
+    servers = Servers(
+        proxy, healthz_address="", metrics_address="127.0.0.1:0",
+        configz=configz_document(settings),
+    )  # fmt: skip
+    await servers.start()
+    try:
+        code, body, _ = await get(servers, "metrics", "/configz")
+        doc = json.loads(body)["kubeproxy.config.k8s.io"]
+        assert code == 200 and doc["kind"] == "KubeProxyConfiguration"
+        assert doc["udpIdleTimeout"] == "500ms" and doc["bindAddress"] == "127.0.0.1"
+        assert doc["iptables"]["syncPeriod"] == "30s" and "udp_timeout" not in doc
+    finally:
+        await servers.stop()

@@ -156,6 +156,12 @@ def _flatten(doc: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
 
 def dump(options: Mapping[str, Any]) -> str:
     """The effective configuration as a KubeProxyConfiguration (`--write-config-to`)."""
+    return yaml.safe_dump(document(options), sort_keys=False)
+
+
+def document(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The effective configuration as a KubeProxyConfiguration document, in its field names
+    (`--write-config-to`, and `/configz` as kube-proxy serves it)."""
     doc: dict[str, Any] = {"apiVersion": API_VERSION, "kind": KIND}
     for field, (option, parse) in USED.items():
         if option not in options:
@@ -172,4 +178,4 @@ def dump(options: Mapping[str, Any]) -> str:
         for section in sections:
             target = target.setdefault(section, {})
         target[leaf] = value
-    return yaml.safe_dump(doc, sort_keys=False)
+    return doc

@@ -32,7 +32,10 @@ def configure(*, verbosity: int = 0, fmt: LogFormat = "auto") -> None:
         structlog.processors.StackInfoRenderer(),
     ]
     renderer: structlog.typing.Processor = (
-        structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
+        # Colours only for a terminal: `--log-format console` into a file or a pipe stays plain.
+        structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        if console
+        else structlog.processors.JSONRenderer()
     )
     # Tracebacks as data, without the frames' local variables: locals can hold anything
     # (tokens, whole objects) and a log must never carry credentials.

@@ -270,7 +270,7 @@ async def prepared(settings: Settings) -> AsyncIterator[Node]:
         proxy,
         healthz_address=settings.healthz_bind_address,
         metrics_address=settings.metrics_bind_address,
-        configz=configz(settings),
+        configz=configz_document(settings),
         adoption=start.adoption,
     )
     node = Node(settings, proxy, servers, lock, start)
@@ -316,6 +316,13 @@ def configz(settings: Settings) -> dict[str, Any]:
 
     wanted = {option for option, _ in config.USED.values()}
     return {k: v for k, v in to_options(settings).items() if k in wanted}
+
+
+def configz_document(settings: Settings) -> dict[str, Any]:
+    """/configz as kube-proxy serves it: the KubeProxyConfiguration's own field names."""
+    from userproxy import config
+
+    return config.document(configz(settings))
 
 
 def make_provider(
