@@ -247,6 +247,10 @@ def _service_ports(*, namespace: str, name: str, spec: Obj, status: Any) -> Serv
     ingress = ((status or {}).get("loadBalancer") or {}).get("ingress") or ()
     lb_ips = _ingress_ips(ingress)
     cluster_ips = _cluster_ips(spec)
+    policy = spec.get("externalTrafficPolicy") or "Cluster"
+    if policy not in ("Cluster", "Local"):
+        raise ValueError(f"externalTrafficPolicy {policy!r} is not Cluster or Local")
+    external_local = policy == "Local"
     health_port = _port_number(
         spec.get("healthCheckNodePort") or 0, what="healthCheckNodePort", allow_zero=True
     )
@@ -283,6 +287,7 @@ def _service_ports(*, namespace: str, name: str, spec: Obj, status: Any) -> Serv
                     affinity=affinity,
                     internal_local=spec.get("internalTrafficPolicy") == "Local",
                     health_check_node_port=health_port,
+                    external_local=external_local,
                 )
             )
     return ServiceResult(ports=tuple(ports), problems=tuple(problems))

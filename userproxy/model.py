@@ -104,6 +104,9 @@ class ServicePort:
     proxy_protocol: int = 0
     #: `spec.healthCheckNodePort`: where this node says whether it has local endpoints.
     health_check_node_port: int = 0
+    #: `externalTrafficPolicy: Local`: traffic from outside (NodePort, externalIPs,
+    #: load-balancer IPs) goes only to endpoints on this node, and is dropped without one.
+    external_local: bool = False
     #: The family of `cluster_ip`; set when the value is built.
     family: Family = field(init=False, compare=False, repr=False)
 
@@ -121,6 +124,13 @@ class ServicePort:
     def protocol(self) -> Protocol:
         return self.name.protocol
 
+    @property
+    def external_local_in_force(self) -> bool:
+        """`externalTrafficPolicy: Local` with some external path for it to apply to."""
+        return self.external_local and bool(
+            self.node_port or self.external_ips or self.load_balancer_ips
+        )
+
     def listener_identity(self) -> tuple[object, ...]:
         """The fields whose change rebuilds the listener on a new proxy port.
 
@@ -135,6 +145,7 @@ class ServicePort:
             self.external_ips,
             self.load_balancer_ips,
             self.affinity.client_ip,
+            self.external_local_in_force,
         )
 
 

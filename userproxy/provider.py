@@ -73,6 +73,8 @@ class ServicePortStatus:
     node_port_error: str | None = None
     #: Ready endpoints on this node (what the service health check reports).
     local_endpoints: int = 0
+    #: Where external traffic is served under `externalTrafficPolicy: Local` (userspace).
+    external_proxy_port: int | None = None
 
     @property
     def name(self) -> ServicePortName:

@@ -94,3 +94,27 @@ def test_restore_text_rewrites_only_changed_chains_and_deletes_stale_ones() -> N
     assert rules.endpoint_chain(PORT, EPS[0]) not in text.split("*nat")[1].split("\n")[1]
     assert ":KUBE-SERVICES" not in text  # unchanged: left alone
     assert chains_text(after, after, {"nat": set(after.chains["nat"])}, rules.owned) == ""
+
+
+def test_external_traffic_policy_local_has_kube_proxys_ext_and_svl_chains() -> None:
+    port = ServicePort(NAME, "172.30.0.41", 80, node_port=30080, external_ips=("192.168.99.1",),
+                       external_local=True)  # fmt: skip
+    rs = rules.build([rules.Backed(port, EPS, local_endpoints=EPS[:1])])
+    ext, svl = rules.external_chain(port), rules.local_chain(port)
+    assert ext.startswith("KUBE-EXT-") and svl.startswith("KUBE-SVL-")
+    services = lines(rs, "nat", "KUBE-SERVICES")
+    assert any("172.30.0.41/32" in ln and ln.endswith(rules.service_chain(port)) for ln in services)
+    assert any("192.168.99.1/32" in ln and ln.endswith(ext) for ln in services)
+    assert not any("192.168.99.1/32" in ln and "MARK-MASQ" in ln for ln in services)
+    assert lines(rs, "nat", "KUBE-NODEPORTS")[-1].endswith(ext)
+    assert [ln.rsplit(" ", 1)[1] for ln in lines(rs, "nat", ext)] == [
+        "KUBE-MARK-MASQ", rules.service_chain(port), svl,
+    ]  # fmt: skip
+    assert lines(rs, "nat", svl) == [
+        f'-A {svl} -m comment --comment "ns1/svc1:p80 -> 10.180.0.1:80" '
+        f"-j {rules.endpoint_chain(port, EPS[0])}"
+    ]
+    none_here = rules.build([rules.Backed(port, EPS, local_endpoints=())])
+    drops = lines(none_here, "filter", "KUBE-EXTERNAL-SERVICES")
+    assert len(drops) == 2 and all(ln.endswith("-j DROP") for ln in drops)
+    assert ext not in none_here.chains["nat"]

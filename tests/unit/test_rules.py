@@ -214,3 +214,27 @@ def test_guard_below_non_local_is_moved_up() -> None:
 def test_a_missing_nodeport_jump_is_appended_without_touching_the_portal_jump() -> None:
     plan = plan_jumps({**IN_ORDER, ("nat", "OUTPUT"): ["KUBE-PORTALS-HOST"]})
     assert plan.remove == () and targets(plan.add) == ["KUBE-NODEPORT-HOST"]
+
+
+def test_external_traffic_policy_local_sends_outside_traffic_to_the_external_port() -> None:
+    port = ServicePort(NAME, "10.96.0.10", 80, node_port=30080, external_ips=("1.2.3.4",),
+                       external_local=True)  # fmt: skip
+
+    def built(has_local: bool) -> list[str]:
+        entry = PortalPort(port, 40123, True, True, external_proxy_port=40124,
+                           has_local_endpoints=has_local)  # fmt: skip
+        ruleset = build([entry], WILDCARD)
+        return [r.line for t in ("nat", "filter") for rs in ruleset.chains[t].values() for r in rs]
+
+    got = built(True)
+    container = [ln for ln in got if "-CONTAINER" in ln]
+    host = [ln for ln in got if "-HOST" in ln]
+    assert [ln.rsplit(" ", 1)[1] for ln in container] == ["40123", "40124", "40124", "40124"]
+    assert all(ln.endswith(":40123") for ln in host)  # the node's own traffic: cluster-wide
+    assert any("NON-LOCAL" in ln and "--dport 40124" in ln for ln in got)
+    assert not any(ln.endswith("-j DROP") for ln in got)
+    dropped = [ln for ln in built(False) if ln.endswith("-j DROP")]
+    assert dropped == [
+        "-A KUBE-USERPROXY-FILTER -m comment --comment ns/web:http -p tcp -m tcp --dport 40124 "
+        "-j DROP"
+    ]

@@ -136,8 +136,12 @@ class IptablesProvider:
         out = []
         for name, port in sorted(self.ports.items()):
             local = self.settings.node_name if port.internal_local else None
-            endpoints = self.endpoints.endpoints(name, local_node=local)
-            out.append(rules.Backed(port, tuple(self._routable(name, endpoints))))
+            endpoints = tuple(
+                self._routable(name, self.endpoints.endpoints(name, local_node=local))
+            )
+            here = self.settings.node_name
+            mine = set(self.endpoints.endpoints(name, local_node=here))
+            out.append(rules.Backed(port, endpoints, tuple(e for e in endpoints if e in mine)))
         return out
 
     def _routable(self, name: ServicePortName, endpoints: list[Endpoint]) -> Iterator[Endpoint]:

@@ -46,7 +46,7 @@ FIXED_CHAINS: dict[str, tuple[str, ...]] = {
     NAT: (SERVICES, NODEPORTS, MARK_MASQ, POSTROUTING, MARKER),
 }
 TABLES = tuple(FIXED_CHAINS)
-HASHED_PREFIXES = ("KUBE-SVC-", "KUBE-SEP-")
+HASHED_PREFIXES = ("KUBE-SVC-", "KUBE-SEP-", "KUBE-EXT-", "KUBE-SVL-")
 
 NODEPORTS_COMMENT = "kubernetes service nodeports; NOTE: this must be the last rule in this chain"
 REJECT = Target("REJECT", reject_with="icmp-port-unreachable")
@@ -61,6 +61,16 @@ def _hash(text: str) -> str:
 
 def service_chain(port: ServicePort) -> str:
     return "KUBE-SVC-" + _hash(f"{port.name}{port.protocol.value.lower()}")
+
+
+def external_chain(port: ServicePort) -> str:
+    """KUBE-EXT-<hash>: where external destinations go under `externalTrafficPolicy: Local`."""
+    return "KUBE-EXT-" + _hash(f"{port.name}{port.protocol.value.lower()}")
+
+
+def local_chain(port: ServicePort) -> str:
+    """KUBE-SVL-<hash>: the spread over this node's endpoints only."""
+    return "KUBE-SVL-" + _hash(f"{port.name}{port.protocol.value.lower()}")
 
 
 def endpoint_chain(port: ServicePort, endpoint: Endpoint) -> str:
@@ -82,6 +92,9 @@ JUMPS: tuple[Jump, ...] = (
     _jump(NAT, "POSTROUTING", POSTROUTING, "kubernetes postrouting rules"),
     _jump(FILTER, "INPUT", EXTERNAL_SERVICES, "kubernetes externally-visible service portals",
           new_only=True),
+    # Load-balancer IPs that are not the node's are forwarded: their drops must apply there too.
+    _jump(FILTER, "FORWARD", EXTERNAL_SERVICES, "kubernetes externally-visible service portals",
+          new_only=True),
     _jump(FILTER, "FORWARD", FORWARD, "kubernetes forwarding rules"),
     _jump(FILTER, "FORWARD", SERVICES, "kubernetes service portals", new_only=True),
     _jump(FILTER, "OUTPUT", SERVICES, "kubernetes service portals", new_only=True),
@@ -94,6 +107,8 @@ class Backed:
 
     port: ServicePort
     endpoints: tuple[Endpoint, ...]
+    #: Those on this node (what external traffic uses under `externalTrafficPolicy: Local`).
+    local_endpoints: tuple[Endpoint, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -145,6 +160,9 @@ def _service_port(rs: Ruleset, entry: Backed, config: KernelConfig) -> None:
     ips = [(port.cluster_ip, "cluster IP", config.masquerade_all)]
     ips += [(ip, "external IP", True) for ip in port.external_ips_of(family)]
     ips += [(ip, "loadbalancer IP", True) for ip in port.load_balancer_ips_of(family)]
+    if entry.endpoints and port.external_local_in_force:
+        _external_local(rs, entry, ips, name, reject)
+        return
     if not entry.endpoints:
         for ip, _, _ in ips:
             _add(rs, FILTER, SERVICES, "-d", port.family.host_cidr(ip), *_match(port, port.port),
@@ -164,6 +182,53 @@ def _service_port(rs: Ruleset, entry: Backed, config: KernelConfig) -> None:
         _add(rs, NAT, NODEPORTS, *node_port, comment=name, to=Target(MARK_MASQ))
         _add(rs, NAT, NODEPORTS, *node_port, comment=name, to=Target(svc))
     _balance(rs, entry, svc, name)
+
+
+def _external_local(
+    rs: Ruleset, entry: Backed, ips: list[tuple[str, str, bool]], name: str, reject: Target
+) -> None:
+    """`externalTrafficPolicy: Local`, as upstream shapes it: the ClusterIP keeps the
+    cluster-wide KUBE-SVC; external destinations go to KUBE-EXT, where the node's own traffic
+    is sent cluster-wide (masqueraded) and everything else to KUBE-SVL, this node's endpoints,
+    unmasqueraded so the endpoint sees the client. With no local endpoint, external traffic is
+    dropped (a load balancer's health check moves it to other nodes)."""
+    port = entry.port
+    svc, ext, svl = service_chain(port), external_chain(port), local_chain(port)
+    cluster_ip, *external = ips
+    _add(rs, NAT, SERVICES, "-d", port.family.host_cidr(cluster_ip[0]), *_match(port, port.port),
+         comment=f"{name} cluster IP", to=Target(svc))  # fmt: skip
+    _balance(rs, entry, svc, name)
+    local = entry.local_endpoints
+    for ip, what, _ in external:
+        dst = ("-d", port.family.host_cidr(ip), *_match(port, port.port))
+        if local:
+            _add(rs, NAT, SERVICES, *dst, comment=f"{name} {what}", to=Target(ext))
+        else:
+            _add(rs, FILTER, EXTERNAL_SERVICES, *dst,
+                 comment=f"{name} has no local endpoints", to=Target("DROP"))  # fmt: skip
+    if port.node_port:
+        node_port = _match(port, port.node_port)
+        if local:
+            _add(rs, NAT, NODEPORTS, *node_port, comment=name, to=Target(ext))
+        else:
+            _add(rs, FILTER, EXTERNAL_SERVICES, "-m", "addrtype", "--dst-type", "LOCAL",
+                 *node_port, comment=f"{name} has no local endpoints",
+                 to=Target("DROP"))  # fmt: skip
+    if not local:
+        return
+    rs.declare(NAT, ext)
+    local_src = ("-m", "addrtype", "--src-type", "LOCAL")
+    why = f"LOCAL traffic for {name} external destinations"
+    _add(rs, NAT, ext, *local_src, comment=f"masquerade {why}", to=Target(MARK_MASQ))
+    _add(rs, NAT, ext, *local_src, comment=f"route {why}", to=Target(svc))
+    _add(rs, NAT, ext, to=Target(svl))
+    rs.declare(NAT, svl)
+    seps = [endpoint_chain(port, ep) for ep in local]
+    n = len(seps)
+    for i, (sep, ep) in enumerate(zip(seps, local, strict=True)):
+        spread = ("-m", "statistic", "--mode", "random", "--probability", f"{1 / (n - i):.10f}")
+        _add(rs, NAT, svl, *(spread if i < n - 1 else ()), comment=f"{name} -> {ep}",
+             to=Target(sep))  # fmt: skip
 
 
 def _balance(rs: Ruleset, entry: Backed, svc: str, name: str) -> None:

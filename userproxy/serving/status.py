@@ -50,6 +50,12 @@ def _port_json(sp: ServicePortStatus) -> dict[str, Any]:
         "external_ips": list(port.external_ips),
         "load_balancer_ips": list(port.load_balancer_ips),
         "proxy_port": sp.proxy_port,
+        "external_traffic_policy": "Local" if port.external_local else "Cluster",
+        "external_proxy_port": sp.external_proxy_port,
+        "local_endpoints": sp.local_endpoints,
+        "internal_traffic_policy": "Local" if port.internal_local else "Cluster",
+        "health_check_node_port": port.health_check_node_port or None,
+        "proxy_protocol": f"v{port.proxy_protocol}" if port.proxy_protocol else None,
         "session_affinity": affinity_text(port),
         "rejected": sp.rejected,
         "endpoints": [
@@ -89,6 +95,24 @@ def _cell(value: object) -> str:
     return "-" if value is None else str(value)
 
 
+def _policies(sp: dict[str, Any]) -> list[str]:
+    """The traffic policies in force, in a few words (`ls`)."""
+    out = []
+    if sp.get("external_traffic_policy") == "Local" and (
+        sp["node_port"] or sp["external_ips"] or sp["load_balancer_ips"]
+    ):
+        local = sp.get("local_endpoints", 0)
+        doing = "dropping external traffic" if not local else "external traffic stays here"
+        out.append(f"etp=Local ({local} local endpoints: {doing})")
+    if sp.get("internal_traffic_policy") == "Local":
+        out.append("itp=Local")
+    if sp.get("health_check_node_port"):
+        out.append(f"healthCheckNodePort {sp['health_check_node_port']}")
+    if sp.get("proxy_protocol"):
+        out.append(f"PROXY protocol {sp['proxy_protocol']}")
+    return out
+
+
 def render(status: Status) -> str:
     lines = [
         f"{'Prot':<5}{'VirtualAddress:Port':<26}{'Service':<32}{'ProxyPort':>9}  Scheduler",
@@ -113,6 +137,7 @@ def render(status: Status) -> str:
             extras.append("LoadBalancer " + ",".join(sp["load_balancer_ips"]))
         if sp["external_ips"]:
             extras.append("externalIPs " + ",".join(sp["external_ips"]))
+        extras += _policies(sp)
         if extras:
             lines.append("     " + "  ".join(extras))
         if not sp["endpoints"]:

@@ -60,6 +60,8 @@ log = structlog.get_logger("userproxy.userspace.proxier")
 
 #: How many proxy ports of the range to try when binding one fails (port taken by others).
 BIND_ATTEMPTS = 8
+#: Hand-over key suffix of a service port's external listener (`externalTrafficPolicy: Local`).
+EXTERNAL = "/external"
 #: Seconds between looks at the relays left while draining.
 DRAIN_POLL = 0.1
 #: A sync that opens more service ports than this logs them in one line (each at debug).
@@ -97,6 +99,12 @@ class PortRuntime:
     listener: TcpProxy | UdpProxy
     stats: PortStats
     connections: set[ClientSide] = field(default_factory=set)
+    #: `externalTrafficPolicy: Local`: the listener external paths go to (local endpoints).
+    external: TcpProxy | UdpProxy | None = None
+    external_port: int = 0
+
+    def listeners(self) -> list[TcpProxy | UdpProxy]:
+        return [self.listener] if self.external is None else [self.listener, self.external]
 
 
 def _configure(listener: TcpProxy | UdpProxy, port: ServicePort) -> None:
@@ -129,6 +137,8 @@ class Proxier:
         #: Sockets and proxy ports inherited from a predecessor, until the first sync is done.
         self.adoption = adoption
         self.balancer = balancer or RoundRobinBalancer(is_node_client=is_node_client)
+        #: The endpoints on this node, for external traffic of `externalTrafficPolicy: Local`.
+        self.external_balancer = RoundRobinBalancer(is_node_client=is_node_client)
         self.allocator = allocator or make_allocator(settings.port_range)
         self.clock = clock
         self.portals = portals
@@ -174,17 +184,21 @@ class Proxier:
 
     # ------------------------------------------------------------------ hand-over
     def listener_ports(self) -> dict[str, int]:
-        return {
-            listener_key(name, rt.port.protocol, rt.port.family): rt.proxy_port
-            for name, rt in self.runtimes.items()
-        }
+        out = {}
+        for name, rt in self.runtimes.items():
+            key = listener_key(name, rt.port.protocol, rt.port.family)
+            out[key] = rt.proxy_port
+            if rt.external is not None:
+                out[key + EXTERNAL] = rt.external_port
+        return out
 
     def handover_fds(self) -> list[tuple[str, int]]:
-        fds = [
-            (listener_key(name, rt.port.protocol, rt.port.family), rt.listener.sock.fileno())
-            for name, rt in self.runtimes.items()
-            if rt.listener.sock is not None
-        ]
+        fds = []
+        for name, rt in self.runtimes.items():
+            key = listener_key(name, rt.port.protocol, rt.port.family)
+            for suffix, listener in (("", rt.listener), (EXTERNAL, rt.external)):
+                if listener is not None and listener.sock is not None:
+                    fds.append((key + suffix, listener.sock.fileno()))
         if self.portals is not None:
             fds += self.portals.handover_fds()
         return fds
@@ -194,13 +208,14 @@ class Proxier:
         successor holds these very sockets (the leader's); a worker's own sockets must leave
         their SO_REUSEPORT group instead, or the kernel would keep queueing new clients there."""
         for runtime in self.runtimes.values():
-            runtime.listener.stop_accepting(keep_socket=shared)
+            for listener in runtime.listeners():
+                listener.stop_accepting(keep_socket=shared)
         if self.followers is not None:
             self.followers.stop_accepting()
 
     def relays(self) -> int:
         """Connections and UDP flows still open in this process and its workers."""
-        mine = sum(runtime.listener.active for runtime in self.runtimes.values())
+        mine = sum(lst.active for rt in self.runtimes.values() for lst in rt.listeners())
         return mine + (self.followers.relays() if self.followers is not None else 0)
 
     async def drain(self, timeout: float) -> int:
@@ -288,6 +303,7 @@ class Proxier:
     def _merge(self, port: ServicePort, bound: list[PortRuntime]) -> None:
         runtime = self.runtimes.get(port.name)
         self.balancer.set_affinity(port.name, port.affinity)
+        self.external_balancer.set_affinity(port.name, port.affinity)
         if runtime is not None and runtime.port.listener_identity() == port.listener_identity():
             runtime.port = port
             _configure(runtime.listener, port)
@@ -318,12 +334,23 @@ class Proxier:
         except (OSError, PortsExhausted) as err:
             self._not_served(port, err)
             return None
+        external, external_port = None, 0
+        if port.external_local_in_force:
+            try:
+                external, external_port = self._listen(port, stats, connections, external=True)
+            except (OSError, PortsExhausted) as err:
+                listener.close_listener()
+                self.allocator.release(proxy_port)
+                self._not_served(port, err)
+                return None
         self.failed.pop(port.name, None)
         self.unserved.pop(port.name, None)
         runtime = self.runtimes[port.name] = PortRuntime(
-            port, proxy_port, listener, stats, connections
+            port, proxy_port, listener, stats, connections, external, external_port
         )
         self._track(runtime, 1)
+        if external is not None:
+            self._push_local_endpoints(port.name)
         return runtime
 
     def _not_served(self, port: ServicePort, err: Exception) -> None:
@@ -342,10 +369,11 @@ class Proxier:
         started: list[PortRuntime] = []
         for runtime in bound:
             try:
-                await runtime.listener.start()
+                for listener in runtime.listeners():
+                    await listener.start()
             except OSError as err:
                 self.runtimes.pop(runtime.port.name, None)
-                self.allocator.release(runtime.proxy_port)
+                self._close_listener(runtime)
                 self._not_served(runtime.port, err)
                 continue
             started.append(runtime)
@@ -375,15 +403,20 @@ class Proxier:
             )
 
     def _listen(
-        self, port: ServicePort, stats: PortStats, connections: set[ClientSide]
+        self,
+        port: ServicePort,
+        stats: PortStats,
+        connections: set[ClientSide],
+        *,
+        external: bool = False,
     ) -> tuple[TcpProxy | UdpProxy, int]:
-        inherited = self._inherited(port, stats, connections)
+        inherited = self._inherited(port, stats, connections, external=external)
         if inherited is not None:
             return inherited
         last_error: OSError | None = None
         for _ in range(BIND_ATTEMPTS):
             wanted = self.allocator.allocate()
-            listener = self._make_listener(port, stats, connections)
+            listener = self._make_listener(port, stats, connections, external=external)
             try:
                 bound = self._bind(listener, wanted)
             except OSError as err:
@@ -395,14 +428,19 @@ class Proxier:
         raise last_error
 
     def _inherited(
-        self, port: ServicePort, stats: PortStats, connections: set[ClientSide]
+        self,
+        port: ServicePort,
+        stats: PortStats,
+        connections: set[ClientSide],
+        *,
+        external: bool = False,
     ) -> tuple[TcpProxy | UdpProxy, int] | None:
         """The predecessor's socket for this service port, or a bind to the proxy port it
         had (after a crash: the rules it left point there)."""
         if self.adoption is None:
             return None
-        key = listener_key(port.name, port.protocol, port.family)
-        listener = self._make_listener(port, stats, connections)
+        key = listener_key(port.name, port.protocol, port.family) + (EXTERNAL if external else "")
+        listener = self._make_listener(port, stats, connections, external=external)
         sock = self.adoption.take(key)
         if sock is not None:
             proxy_port = listener.adopt(sock)
@@ -465,12 +503,18 @@ class Proxier:
         ]
 
     def _make_listener(
-        self, port: ServicePort, stats: PortStats, connections: set[ClientSide]
+        self,
+        port: ServicePort,
+        stats: PortStats,
+        connections: set[ClientSide],
+        *,
+        external: bool = False,
     ) -> TcpProxy | UdpProxy:
+        balancer = self.external_balancer if external else self.balancer
         if port.protocol is Protocol.TCP:
             tcp = TcpProxy(
                 name=port.name,
-                balancer=self.balancer,
+                balancer=balancer,
                 stats=stats,
                 connections=connections,
                 clock=self.clock,
@@ -480,7 +524,7 @@ class Proxier:
             return tcp
         return UdpProxy(
             name=port.name,
-            balancer=self.balancer,
+            balancer=balancer,
             stats=stats,
             clock=self.clock,
             idle_timeout=self.settings.udp_idle_timeout,
@@ -490,12 +534,16 @@ class Proxier:
     def _close_listener(self, runtime: PortRuntime) -> None:
         runtime.listener.close_listener()
         self.allocator.release(runtime.proxy_port)
+        if runtime.external is not None:
+            runtime.external.close_listener()
+            self.allocator.release(runtime.external_port)
         self._track(runtime, -1)
 
     async def _remove(self, name: ServicePortName) -> None:
         self.failed.pop(name, None)
         self.unserved.pop(name, None)
         self.balancer.delete_service(name)
+        self.external_balancer.delete_service(name)
         runtime = self.runtimes.pop(name, None)
         if runtime is None:
             return
@@ -521,6 +569,17 @@ class Proxier:
             self._data_plane_changed()
             if runtime is not None and had_endpoints != bool(endpoints):
                 self.request_sync()
+            if runtime is not None and runtime.external is not None:
+                self._push_local_endpoints(name)
+
+    def _push_local_endpoints(self, name: ServicePortName) -> None:
+        """`externalTrafficPolicy: Local`: external traffic's endpoints are this node's."""
+        node = self.settings.node_name
+        local = self._without_loops(name, self.endpoints.endpoints(name, local_node=node))
+        had_local = bool(self.external_balancer.endpoints(name))
+        self.external_balancer.update_endpoints(name, local)
+        if had_local != bool(local):
+            self.request_sync()  # the portals drop external traffic while there is none
 
     def _without_loops(self, name: ServicePortName, endpoints: list[Endpoint]) -> list[Endpoint]:
         own = self._own
@@ -556,6 +615,9 @@ class Proxier:
         port = runtime.port
         self.relay_budget.reserved += delta
         _count(self._proxy_ports, runtime.proxy_port, delta)
+        if runtime.external is not None:
+            self.relay_budget.reserved += delta
+            _count(self._proxy_ports, runtime.external_port, delta)
         if self.portals is not None:
             for ip in (port.cluster_ip, *port.external_ips, *port.load_balancer_ips):
                 _count(self._service_addresses, (ip, port.port), delta)
@@ -565,7 +627,13 @@ class Proxier:
     # ------------------------------------------------------------------ queries and shutdown
     def active_ports(self) -> list[ActivePort]:
         return [
-            ActivePort(rt.port, rt.proxy_port, bool(self.balancer.endpoints(name)))
+            ActivePort(
+                rt.port,
+                rt.proxy_port,
+                bool(self.balancer.endpoints(name)),
+                external_proxy_port=rt.external_port,
+                has_local_endpoints=bool(self.external_balancer.endpoints(name)),
+            )
             for name, rt in sorted(self.runtimes.items())
         ]
 
@@ -600,6 +668,7 @@ class Proxier:
             local_endpoints=len(
                 self.endpoints.endpoints(rt.port.name, local_node=self.settings.node_name)
             ),
+            external_proxy_port=rt.external_port or None,
         )
 
     async def read_counters(self) -> None:

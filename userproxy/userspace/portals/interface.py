@@ -16,6 +16,10 @@ class ActivePort:
     port: ServicePort
     proxy_port: int
     has_endpoints: bool
+    #: `externalTrafficPolicy: Local`: the proxy port external paths go to (0: none), and
+    #: whether it has an endpoint on this node (without one, external traffic is dropped).
+    external_proxy_port: int = 0
+    has_local_endpoints: bool = True
 
 
 class Portals(Protocol):

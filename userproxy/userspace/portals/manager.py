@@ -106,7 +106,12 @@ class PortalManager:
         claimed = self._update_claims(active)
         ruleset = self._builder.build(
             PortalPort(
-                a.port, a.proxy_port, a.has_endpoints, node_port_claimed=a.port.name in claimed
+                a.port,
+                a.proxy_port,
+                a.has_endpoints,
+                node_port_claimed=a.port.name in claimed,
+                external_proxy_port=a.external_proxy_port,
+                has_local_endpoints=a.has_local_endpoints,
             )
             for a in active
         )

@@ -72,6 +72,7 @@ NON_LOCAL_COMMENT = "Ensure that non-local NodePort traffic can flow"
 FILTER_COMMENT = "userproxy: refuse traffic to proxy ports that bypassed the portals"
 LOOPBACK_NET = "127.0.0.0/8"
 LOOPBACK_NET6 = "::1/128"
+DROP = Target("DROP")
 REFUSE6 = Target("REJECT", reject_with="icmp6-port-unreachable")
 
 
@@ -137,6 +138,10 @@ class PortalPort:
     has_endpoints: bool
     #: The NodePort is held by our socket; without that claim no NodePort rule is written.
     node_port_claimed: bool = False
+    #: `externalTrafficPolicy: Local`: where traffic from outside the node goes (0: the
+    #: proxy port), and whether this node has an endpoint for it (else it is dropped).
+    external_proxy_port: int = 0
+    has_local_endpoints: bool = True
 
 
 class RuleBuilder:
@@ -160,7 +165,10 @@ class RuleBuilder:
             fresh[entry] = rules
             for rule in rules:
                 ruleset.add(rule)
-            proxy_ports.setdefault(entry.port.protocol.value.lower(), []).append(entry.proxy_port)
+            mine = proxy_ports.setdefault(entry.port.protocol.value.lower(), [])
+            mine.append(entry.proxy_port)
+            if entry.external_proxy_port:
+                mine.append(entry.external_proxy_port)
         self._rules = fresh
         refuse = self.config.refuse
         guards = [
@@ -184,24 +192,39 @@ def port_rules(entry: PortalPort, config: PortalConfig) -> list[Rule]:
     if port.family is not family or not port.cluster_ip:
         return []  # the other family's rules are written by its own manager
     container = _container_target(config, proxy_port)
+    # externalTrafficPolicy: Local: what arrives from outside goes to the external listener
+    # (local endpoints only); the node's own traffic keeps the cluster-wide one, as upstream.
+    external = container
+    if entry.external_proxy_port:
+        external = _container_target(config, entry.external_proxy_port)
     host = Target("DNAT", to_destination=family.address_port(_host_address(config), proxy_port))
     rules: list[Rule] = []
-    for ip in (port.cluster_ip, *port.load_balancer_ips_of(family)):
+    dst = port.family.host_cidr(port.cluster_ip)
+    rules += [
+        _rule(PORTALS_CONTAINER, container, port, port.port, dst=dst),
+        _rule(PORTALS_HOST, host, port, port.port, dst=dst),
+    ]
+    for ip in port.load_balancer_ips_of(family):
+        dst = port.family.host_cidr(ip)
         rules += [
-            _rule(PORTALS_CONTAINER, container, port, port.port, dst=port.family.host_cidr(ip)),
-            _rule(PORTALS_HOST, host, port, port.port, dst=port.family.host_cidr(ip)),
+            _rule(PORTALS_CONTAINER, external, port, port.port, dst=dst),
+            _rule(PORTALS_HOST, host, port, port.port, dst=dst),
         ]
     for ip in port.external_ips_of(family):
         dst = port.family.host_cidr(ip)
         rules += [
-            _rule(PORTALS_CONTAINER, container, port, port.port, dst=dst, physdev_not_in=True),
-            _rule(PORTALS_CONTAINER, container, port, port.port, dst=dst, addrtype_local=True),
+            _rule(PORTALS_CONTAINER, external, port, port.port, dst=dst, physdev_not_in=True),
+            _rule(PORTALS_CONTAINER, external, port, port.port, dst=dst, addrtype_local=True),
             _rule(PORTALS_HOST, host, port, port.port, dst=dst, addrtype_local=True),
         ]
     if port.node_port and entry.node_port_claimed:
-        rules += _node_port_rules(entry, config, container, host)
+        rules += _node_port_rules(entry, config, external, host)
     if not entry.has_endpoints:
         rules.append(_rule(USERPROXY_FILTER, config.refuse, port, proxy_port))
+    if entry.external_proxy_port and not entry.has_local_endpoints:
+        # No endpoint on this node: external traffic is dropped, not refused (upstream's
+        # choice: the load balancer's health check moves traffic to other nodes).
+        rules.append(_rule(USERPROXY_FILTER, DROP, port, entry.external_proxy_port))
     return rules
 
 
@@ -298,7 +321,8 @@ def _node_port_rules(
         elif not ipaddress.ip_network(cidr).is_loopback:
             rules.append(_rule(NODEPORT_CONTAINER, container, port, port.node_port, dst=cidr))
         rules.append(_rule(NODEPORT_HOST, host, port, port.node_port, dst=cidr))
-    rules.append(_rule(NODEPORT_NON_LOCAL, ACCEPT, port, entry.proxy_port, state_new=True))
+    accepted = entry.external_proxy_port or entry.proxy_port
+    rules.append(_rule(NODEPORT_NON_LOCAL, ACCEPT, port, accepted, state_new=True))
     return rules
 
 
