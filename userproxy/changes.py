@@ -17,6 +17,7 @@ from userproxy.model import (
     Protocol,
     ServicePort,
     ServicePortName,
+    Topology,
     usable_endpoints,
 )
 
@@ -98,8 +99,14 @@ class EndpointsCache:
             for info in ports.get(key, ())
         ]
 
-    def endpoints(self, name: ServicePortName, *, local_node: str | None = None) -> list[Endpoint]:
-        return usable_endpoints(self.infos(name), local_node=local_node)
+    def endpoints(
+        self,
+        name: ServicePortName,
+        *,
+        local_node: str | None = None,
+        topology: Topology | None = None,
+    ) -> list[Endpoint]:
+        return usable_endpoints(self.infos(name), local_node=local_node, topology=topology)
 
 
 def names_of(ports: Iterable[ServicePort] | None) -> dict[ServicePortName, ServicePort]:

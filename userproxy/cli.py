@@ -219,6 +219,12 @@ def main() -> None:
 )
 @click.option("--cleanup", is_flag=True, help="Remove userproxy's iptables rules and exit.")
 @click.option(
+    "--node-zone",
+    default="",
+    help="This node's zone for topology-aware routing (default: the Node's "
+    "topology.kubernetes.io/zone label, read from the API server).",
+)
+@click.option(
     "--drain-timeout",
     type=DURATION,
     default="25s",

@@ -203,6 +203,19 @@ def service_ports(obj: Obj) -> ServiceResult:
         raise InvalidObject(f"{describe(obj)}: {err}") from None
 
 
+def _source_ranges(spec: Obj) -> tuple[str, ...]:
+    """`loadBalancerSourceRanges`, in normal form (kube-proxy also trims spaces)."""
+    out = []
+    for value in _list(spec, "loadBalancerSourceRanges"):
+        if not isinstance(value, str):
+            raise ValueError(f"loadBalancerSourceRanges entry {value!r} is not a string")
+        try:
+            out.append(str(ipaddress.ip_network(value.strip(), strict=False)))
+        except ValueError:
+            raise ValueError(f"loadBalancerSourceRanges entry {value!r} is not a CIDR") from None
+    return tuple(out)
+
+
 def _proxy_protocol(metadata: Obj) -> int:
     """The PROXY protocol version the Service asks for by annotation (0: none)."""
     annotations = metadata.get("annotations") or {}
@@ -251,6 +264,7 @@ def _service_ports(*, namespace: str, name: str, spec: Obj, status: Any) -> Serv
     if policy not in ("Cluster", "Local"):
         raise ValueError(f"externalTrafficPolicy {policy!r} is not Cluster or Local")
     external_local = policy == "Local"
+    ranges = _source_ranges(spec)
     health_port = _port_number(
         spec.get("healthCheckNodePort") or 0, what="healthCheckNodePort", allow_zero=True
     )
@@ -288,6 +302,7 @@ def _service_ports(*, namespace: str, name: str, spec: Obj, status: Any) -> Serv
                     internal_local=spec.get("internalTrafficPolicy") == "Local",
                     health_check_node_port=health_port,
                     external_local=external_local,
+                    source_ranges=tuple(r for r in ranges if Family.of(r) is family),
                 )
             )
     return ServiceResult(ports=tuple(ports), problems=tuple(problems))
@@ -357,13 +372,31 @@ def _slice_endpoint(ep: Obj) -> list[tuple[str, Obj, str | None]]:
     conditions = ep.get("conditions") or {}
     # An unset `ready` means "unknown", which consumers must treat as ready (API docs).
     ready = conditions.get("ready") is not False
-    state = {
+    state: dict[str, Any] = {
         "ready": ready,
         "serving": conditions.get("serving", ready) is not False,
         "terminating": conditions.get("terminating") is True,
     }
     node = ep.get("nodeName")
+    hints = ep.get("hints")
+    if hints is not None:
+        if not isinstance(hints, Mapping):
+            raise ValueError("endpoint hints is not a mapping")
+        state["zones"] = _hint_names(hints, "forZones")
+        state["nodes"] = _hint_names(hints, "forNodes")
     return [(_endpoint_ip(a), state, node) for a in ep.get("addresses") or ()]
+
+
+def _hint_names(hints: Obj, field: str) -> tuple[str, ...] | None:
+    """`hints.forZones` / `hints.forNodes` as names; None when the hint is absent."""
+    value = hints.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(
+        isinstance(v, Mapping) and isinstance(v.get("name"), str) for v in value
+    ):
+        raise ValueError(f"endpoint hints.{field} must be a list of {{name: ...}}")
+    return tuple(v["name"] for v in value)
 
 
 def _endpoint_ip(value: Any) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import os
 import signal
@@ -406,7 +407,7 @@ async def serve_kubernetes(settings: Settings) -> int:
     """Follow the API server and serve its Services."""
     from kubernetes_asyncio.config import ConfigException
 
-    from userproxy.sources.kube import KubeSource, api_client
+    from userproxy.sources.kube import KubeSource, api_client, node_zone
 
     connection = settings.client_connection
     try:
@@ -417,6 +418,9 @@ async def serve_kubernetes(settings: Settings) -> int:
         )
         return EXIT_BAD_INPUT
     try:
+        if not settings.node_zone:
+            zone = await node_zone(api, settings.node_name)
+            settings = dataclasses.replace(settings, node_zone=zone)
         async with prepared(settings) as node:
             proxy = node.proxy
             proxy.router.node_port_range = None  # the API server checked its own range

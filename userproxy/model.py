@@ -107,6 +107,9 @@ class ServicePort:
     #: `externalTrafficPolicy: Local`: traffic from outside (NodePort, externalIPs,
     #: load-balancer IPs) goes only to endpoints on this node, and is dropped without one.
     external_local: bool = False
+    #: `loadBalancerSourceRanges`: only these sources may use the load-balancer IPs (empty:
+    #: anyone). Only this family's ranges.
+    source_ranges: tuple[str, ...] = ()
     #: The family of `cluster_ip`; set when the value is built.
     family: Family = field(init=False, compare=False, repr=False)
 
@@ -146,6 +149,7 @@ class ServicePort:
             self.load_balancer_ips,
             self.affinity.client_ip,
             self.external_local_in_force,
+            self.source_ranges,
         )
 
 
@@ -174,6 +178,18 @@ class EndpointInfo:
     serving: bool = True
     terminating: bool = False
     node_name: str | None = None
+    #: Topology hints the EndpointSlice controller set: the zones (`hints.forZones`) and
+    #: nodes (`hints.forNodes`) whose clients should use this endpoint. None: no hint.
+    zones: tuple[str, ...] | None = None
+    nodes: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """Where this node is, for topology-aware routing."""
+
+    node: str = ""
+    zone: str = ""
 
 
 def is_loopback(ip: str) -> bool:
@@ -185,16 +201,38 @@ def usable_endpoints(
     infos: tuple[EndpointInfo, ...] | list[EndpointInfo],
     *,
     local_node: str | None = None,
+    topology: Topology | None = None,
 ) -> list[Endpoint]:
     """The endpoints traffic may go to, deduplicated and sorted.
 
     Ready endpoints are used; serving-but-terminating ones only when no ready endpoint exists
     (so a rolling update does not black-hole traffic). With `local_node` set
-    (`internalTrafficPolicy: Local`) only endpoints on that node count.
+    (`internalTrafficPolicy: Local`) only endpoints on that node count. Otherwise, with a
+    `topology`, the hints narrow them as kube-proxy does (see `by_hints`).
     """
     if local_node is not None:
         infos = [i for i in infos if i.node_name == local_node]
-    ready = {i.endpoint for i in infos if i.ready}
-    if not ready:
-        ready = {i.endpoint for i in infos if i.serving and i.terminating}
-    return sorted(ready)
+    chosen = [i for i in infos if i.ready]
+    if not chosen:
+        chosen = [i for i in infos if i.serving and i.terminating]
+    if local_node is None and topology is not None:
+        chosen = by_hints(chosen, topology)
+    return sorted({i.endpoint for i in chosen})
+
+
+def by_hints(infos: list[EndpointInfo], topology: Topology) -> list[EndpointInfo]:
+    """Topology-aware routing, with upstream's fallbacks: hints are used only when every
+    endpoint carries them (a partial set means the controller is mid-update); node hints
+    (`PreferSameNode`) win when one names this node; then zone hints (`PreferClose`,
+    `PreferSameZone`, topology-mode Auto) when one names this node's zone; else everything."""
+    if not infos:
+        return infos
+    if topology.node and all(i.nodes is not None for i in infos):
+        here = [i for i in infos if topology.node in (i.nodes or ())]
+        if here:
+            return here
+    if topology.zone and all(i.zones is not None for i in infos):
+        near = [i for i in infos if topology.zone in (i.zones or ())]
+        if near:
+            return near
+    return infos

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from userproxy import modes
-from userproxy.model import Family
+from userproxy.model import Family, Topology
 from userproxy.ports import PortRange, parse_port_range
 
 LogFormat = Literal["auto", "console", "json"]
@@ -197,6 +197,11 @@ class Settings:
     hostname_override: str = ""
     """`hostnameOverride`: this node's name (for traffic policies); empty: see `node_name`."""
 
+    node_zone: str = ""
+    """`--node-zone`: this node's zone, for topology-aware routing. Empty: with the API
+    server, its Node's `topology.kubernetes.io/zone` label; with manifests, no zone (zone
+    hints are then not used)."""
+
     nodeport_addresses: tuple[str, ...] = ()
     """`nodePortAddresses`: CIDRs whose addresses answer NodePorts; empty means all."""
 
@@ -266,6 +271,10 @@ class Settings:
         object.__setattr__(self, "wildcard_bind", address.is_unspecified)
 
     @property
+    def topology(self) -> Topology:
+        return Topology(self.node_name, self.node_zone)
+
+    @property
     def is_userspace(self) -> bool:
         return self.mode == "userspace"
 
@@ -321,6 +330,7 @@ OPTIONS: dict[str, str] = {
     "healthz_bind_address": "healthz_bind_address",
     "metrics_bind_address": "metrics_bind_address",
     "hostname_override": "hostname_override",
+    "node_zone": "node_zone",
     "nodeport_addresses": "nodeport_addresses",
     "external_ip_cidrs": "external_ip_cidrs",
     "proxy_port_range": "port_range",

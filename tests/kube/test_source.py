@@ -246,12 +246,13 @@ async def test_internal_traffic_policy_local_uses_this_nodes_endpoints(
         await stop_rig(rig)
 
 
-def test_rbac_calls_are_list_and_watch_only() -> None:
+def test_rbac_calls_are_list_and_watch_and_the_nodes_own_zone() -> None:
     assert kube.api_calls() == [
         ("", "services", "list"),
         ("", "services", "watch"),
         ("discovery.k8s.io", "endpointslices", "list"),
         ("discovery.k8s.io", "endpointslices", "watch"),
+        ("", "nodes", "get"),
     ]
     assert ("", "endpoints", "watch") in kube.api_calls(use_endpoints=True)
 
@@ -286,3 +287,15 @@ async def test_core_v1_endpoints_for_old_clusters(
     finally:
         await proxy.stop()
         await source.close()
+
+
+async def test_the_nodes_zone_comes_from_its_node_object(fake: FakeKube, tmp_path: Path) -> None:
+    labels = {kube.ZONE_LABEL: "zone-a"}
+    fake.apply({"apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": "node-a1", "labels": labels}})  # fmt: skip
+    api = await kube.api_client(str(fake.kubeconfig(tmp_path / "kubeconfig")), None)
+    try:
+        assert await kube.node_zone(api, "node-a1") == "zone-a"
+        assert await kube.node_zone(api, "no-such-node") == ""  # logged; hints not used
+    finally:
+        await api.close()

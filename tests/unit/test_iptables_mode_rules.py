@@ -118,3 +118,18 @@ def test_external_traffic_policy_local_has_kube_proxys_ext_and_svl_chains() -> N
     drops = lines(none_here, "filter", "KUBE-EXTERNAL-SERVICES")
     assert len(drops) == 2 and all(ln.endswith("-j DROP") for ln in drops)
     assert ext not in none_here.chains["nat"]
+
+
+def test_source_ranges_go_through_a_firewall_chain_and_the_rest_is_dropped() -> None:
+    port = ServicePort(NAME, "172.30.0.41", 80, load_balancer_ips=("1.2.3.4",),
+                       source_ranges=("203.0.113.0/25",))  # fmt: skip
+    rs = rules.build([rules.Backed(port, EPS)])
+    fw = rules.firewall_chain(port)
+    assert fw.startswith("KUBE-FW-")
+    assert any("1.2.3.4/32" in ln and ln.endswith(fw) for ln in lines(rs, "nat", "KUBE-SERVICES"))
+    assert [ln.split(" -j ")[1] for ln in lines(rs, "nat", fw)] == [
+        "KUBE-MARK-MASQ", rules.service_chain(port),
+    ]  # fmt: skip
+    assert all("-s 203.0.113.0/25" in ln for ln in lines(rs, "nat", fw))
+    (drop,) = lines(rs, "filter", "KUBE-EXTERNAL-SERVICES")
+    assert "1.2.3.4/32" in drop and drop.endswith("-j DROP")

@@ -238,3 +238,14 @@ def test_external_traffic_policy_local_sends_outside_traffic_to_the_external_por
         "-A KUBE-USERPROXY-FILTER -m comment --comment ns/web:http -p tcp -m tcp --dport 40124 "
         "-j DROP"
     ]
+
+
+def test_source_ranges_limit_who_the_load_balancer_portal_takes() -> None:
+    port = ServicePort(NAME, "10.96.0.10", 80, load_balancer_ips=("5.6.7.8",),
+                       source_ranges=("192.0.2.0/24", "198.51.100.7/32"))  # fmt: skip
+    got = [ln for ln in lines(port) if "5.6.7.8" in ln]
+    assert [ln.split(" -j ")[0].rsplit(" ", 2)[-2:] for ln in got if "CONTAINER" in ln] == [
+        ["-s", "192.0.2.0/24"], ["-s", "198.51.100.7/32"],
+    ]  # fmt: skip
+    assert any("PORTALS-HOST" in ln and " -s " not in ln for ln in got)  # the node itself
+    assert any(ln.startswith("-A KUBE-USERPROXY-FILTER") and ln.endswith("-j DROP") for ln in got)

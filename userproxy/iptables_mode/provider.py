@@ -137,11 +137,15 @@ class IptablesProvider:
         for name, port in sorted(self.ports.items()):
             local = self.settings.node_name if port.internal_local else None
             endpoints = tuple(
-                self._routable(name, self.endpoints.endpoints(name, local_node=local))
+                self._routable(
+                    name,
+                    self.endpoints.endpoints(
+                        name, local_node=local, topology=self.settings.topology
+                    ),
+                )
             )
-            here = self.settings.node_name
-            mine = set(self.endpoints.endpoints(name, local_node=here))
-            out.append(rules.Backed(port, endpoints, tuple(e for e in endpoints if e in mine)))
+            here = self.endpoints.endpoints(name, local_node=self.settings.node_name)
+            out.append(rules.Backed(port, endpoints, tuple(self._routable(name, here))))
         return out
 
     def _routable(self, name: ServicePortName, endpoints: list[Endpoint]) -> Iterator[Endpoint]:

@@ -46,11 +46,12 @@ FIXED_CHAINS: dict[str, tuple[str, ...]] = {
     NAT: (SERVICES, NODEPORTS, MARK_MASQ, POSTROUTING, MARKER),
 }
 TABLES = tuple(FIXED_CHAINS)
-HASHED_PREFIXES = ("KUBE-SVC-", "KUBE-SEP-", "KUBE-EXT-", "KUBE-SVL-")
+HASHED_PREFIXES = ("KUBE-SVC-", "KUBE-SEP-", "KUBE-EXT-", "KUBE-SVL-", "KUBE-FW-")
 
 NODEPORTS_COMMENT = "kubernetes service nodeports; NOTE: this must be the last rule in this chain"
 REJECT = Target("REJECT", reject_with="icmp-port-unreachable")
 REJECT6 = Target("REJECT", reject_with="icmp6-port-unreachable")
+LB = "loadbalancer IP"
 #: The `recent` match's mask: the whole client address.
 FULL_MASK = {Family.IPv4: "255.255.255.255", Family.IPv6: "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff"}
 
@@ -66,6 +67,11 @@ def service_chain(port: ServicePort) -> str:
 def external_chain(port: ServicePort) -> str:
     """KUBE-EXT-<hash>: where external destinations go under `externalTrafficPolicy: Local`."""
     return "KUBE-EXT-" + _hash(f"{port.name}{port.protocol.value.lower()}")
+
+
+def firewall_chain(port: ServicePort) -> str:
+    """KUBE-FW-<hash>: load-balancer traffic from `loadBalancerSourceRanges` only."""
+    return "KUBE-FW-" + _hash(f"{port.name}{port.protocol.value.lower()}")
 
 
 def local_chain(port: ServicePort) -> str:
@@ -159,7 +165,7 @@ def _service_port(rs: Ruleset, entry: Backed, config: KernelConfig) -> None:
     svc = service_chain(port)
     ips = [(port.cluster_ip, "cluster IP", config.masquerade_all)]
     ips += [(ip, "external IP", True) for ip in port.external_ips_of(family)]
-    ips += [(ip, "loadbalancer IP", True) for ip in port.load_balancer_ips_of(family)]
+    ips += [(ip, LB, True) for ip in port.load_balancer_ips_of(family)]
     if entry.endpoints and port.external_local_in_force:
         _external_local(rs, entry, ips, name, reject)
         return
@@ -173,6 +179,9 @@ def _service_port(rs: Ruleset, entry: Backed, config: KernelConfig) -> None:
                  to=reject)  # fmt: skip
         return
     for ip, what, masquerade in ips:
+        if what == LB and port.source_ranges:
+            _firewalled(rs, port, ip, svc, masquerade, name)
+            continue
         dst = ("-d", port.family.host_cidr(ip), *_match(port, port.port))
         if masquerade:
             _add(rs, NAT, SERVICES, *dst, comment=f"{name} {what}", to=Target(MARK_MASQ))
@@ -201,7 +210,9 @@ def _external_local(
     local = entry.local_endpoints
     for ip, what, _ in external:
         dst = ("-d", port.family.host_cidr(ip), *_match(port, port.port))
-        if local:
+        if local and what == LB and port.source_ranges:
+            _firewalled(rs, port, ip, ext, False, name)
+        elif local:
             _add(rs, NAT, SERVICES, *dst, comment=f"{name} {what}", to=Target(ext))
         else:
             _add(rs, FILTER, EXTERNAL_SERVICES, *dst,
@@ -223,12 +234,34 @@ def _external_local(
     _add(rs, NAT, ext, *local_src, comment=f"route {why}", to=Target(svc))
     _add(rs, NAT, ext, to=Target(svl))
     rs.declare(NAT, svl)
+    for ep in sorted(set(local) - set(entry.endpoints)):  # outside the zone the hints chose
+        _endpoint(rs, port, ep, name)
     seps = [endpoint_chain(port, ep) for ep in local]
     n = len(seps)
     for i, (sep, ep) in enumerate(zip(seps, local, strict=True)):
         spread = ("-m", "statistic", "--mode", "random", "--probability", f"{1 / (n - i):.10f}")
         _add(rs, NAT, svl, *(spread if i < n - 1 else ()), comment=f"{name} -> {ep}",
              to=Target(sep))  # fmt: skip
+
+
+def _firewalled(
+    rs: Ruleset, port: ServicePort, ip: str, target: str, masquerade: bool, name: str
+) -> None:
+    """A load-balancer IP with `loadBalancerSourceRanges`: through KUBE-FW-<hash>, which sends
+    on only the allowed sources; the rest keeps the LB IP as its destination and is dropped in
+    the filter table (KUBE-EXTERNAL-SERVICES, from INPUT and FORWARD)."""
+    fw = firewall_chain(port)
+    dst = ("-d", port.family.host_cidr(ip), *_match(port, port.port))
+    _add(rs, NAT, SERVICES, *dst, comment=f"{name} {LB}", to=Target(fw))
+    _add(rs, FILTER, EXTERNAL_SERVICES, *dst,
+         comment=f"{name} traffic not accepted by {fw}", to=Target("DROP"))  # fmt: skip
+    if fw in rs.chains[NAT]:
+        return  # written for an earlier LB IP of the same port
+    rs.declare(NAT, fw)
+    for source in port.source_ranges:
+        if masquerade:
+            _add(rs, NAT, fw, "-s", source, comment=f"{name} {LB}", to=Target(MARK_MASQ))
+        _add(rs, NAT, fw, "-s", source, comment=f"{name} {LB}", to=Target(target))
 
 
 def _balance(rs: Ruleset, entry: Backed, svc: str, name: str) -> None:
@@ -246,11 +279,17 @@ def _balance(rs: Ruleset, entry: Backed, svc: str, name: str) -> None:
         spread = ("-m", "statistic", "--mode", "random", "--probability", f"{1 / (n - i):.10f}")
         _add(rs, NAT, svc, *(spread if i < n - 1 else ()), comment=f"{name} -> {ep}",
              to=Target(sep))  # fmt: skip
-    for sep, ep in zip(seps, endpoints, strict=True):
-        rs.declare(NAT, sep)
-        _add(rs, NAT, sep, "-s", ep.family.host_cidr(ep.ip), comment=name, to=Target(MARK_MASQ))
-        remember = ("-m", "recent", "--name", sep, "--mask", FULL_MASK[port.family], "--rsource",
-                    "--set") if affinity.client_ip else ()  # fmt: skip
-        proto = port.protocol.value.lower()
-        _add(rs, NAT, sep, "-p", proto, "-m", proto, *remember, comment=name,
-             to=Target("DNAT", to_destination=str(ep)))  # fmt: skip
+    for ep in endpoints:
+        _endpoint(rs, port, ep, name)
+
+
+def _endpoint(rs: Ruleset, port: ServicePort, ep: Endpoint, name: str) -> None:
+    """KUBE-SEP-<hash>: hairpin masquerade, [affinity memory,] DNAT."""
+    sep = endpoint_chain(port, ep)
+    rs.declare(NAT, sep)
+    _add(rs, NAT, sep, "-s", ep.family.host_cidr(ep.ip), comment=name, to=Target(MARK_MASQ))
+    remember = ("-m", "recent", "--name", sep, "--mask", FULL_MASK[port.family], "--rsource",
+                "--set") if port.affinity.client_ip else ()  # fmt: skip
+    proto = port.protocol.value.lower()
+    _add(rs, NAT, sep, "-p", proto, "-m", proto, *remember, comment=name,
+         to=Target("DNAT", to_destination=str(ep)))  # fmt: skip

@@ -145,6 +145,12 @@ class _ProxyCollector(Collector):
         endpoints = GaugeMetricFamily(
             "userproxy_endpoints", "Endpoints in rotation", labels=["service_port", "protocol"]
         )
+        local = GaugeMetricFamily(
+            "userproxy_local_endpoints",
+            "Ready endpoints on this node (what externalTrafficPolicy: Local and the Service "
+            "health check use)",
+            labels=["service_port", "protocol"],
+        )
         rejected = CounterMetricFamily(
             "userproxy_rejected",
             "Connections or datagrams turned away for lack of endpoints",
@@ -152,11 +158,13 @@ class _ProxyCollector(Collector):
         )
         # A dual-stack service port appears once per family: its per-port series add up.
         in_rotation: dict[tuple[str, str], int] = {}
+        on_node: dict[tuple[str, str], int] = {}
         turned_away: dict[tuple[str, str], int] = {}
         for sp in status.service_ports:
             base = [str(sp.name), sp.port.protocol.value]
             key = (base[0], base[1])
             in_rotation[key] = in_rotation.get(key, 0) + sum(not e.removed for e in sp.endpoints)
+            on_node[key] = on_node.get(key, 0) + sp.local_endpoints
             if sp.rejected is not None:
                 turned_away[key] = turned_away.get(key, 0) + sp.rejected
             for e in sp.endpoints:
@@ -171,9 +179,12 @@ class _ProxyCollector(Collector):
             endpoints.add_metric(list(key), count)
         for key, count in turned_away.items():
             rejected.add_metric(list(key), count)
+        for key, count in on_node.items():
+            local.add_metric(list(key), count)
         yield from families.values()
         yield flows
         yield endpoints
+        yield local
         yield rejected
 
 

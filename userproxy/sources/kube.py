@@ -70,8 +70,10 @@ def watched(use_endpoints: bool) -> tuple[Resource, ...]:
 
 
 def api_calls(use_endpoints: bool = False) -> list[tuple[str, str, str]]:
-    """(API group, resource, verb) for every request this source makes."""
-    return [(r.group, r.plural, verb) for r in watched(use_endpoints) for verb in VERBS]
+    """(API group, resource, verb) for every request this source makes (the Node read is
+    `node_zone`'s)."""
+    calls = [(r.group, r.plural, verb) for r in watched(use_endpoints) for verb in VERBS]
+    return [*calls, ("", "nodes", "get")]
 
 
 def label_selector(resource: Resource, proxy_name: str | None) -> str:
@@ -311,6 +313,32 @@ def _status_message(body: str) -> str:
 
 
 # ----------------------------------------------------------------------------- the source
+ZONE_LABEL = "topology.kubernetes.io/zone"
+
+
+async def node_zone(api: client.ApiClient, node_name: str, timeout: float = 10.0) -> str:
+    """This node's zone (its Node's `topology.kubernetes.io/zone` label), for topology-aware
+    routing; "" when it cannot be read (no Node of that name, no RBAC to get nodes): zone hints
+    are then not used, and everything else works."""
+    try:
+        read: Lister = client.CoreV1Api(api).read_node
+        # The raw response (no model): its status and body are what this needs.
+        response = await read(node_name, _preload_content=False, _request_timeout=timeout)
+        try:
+            if not 200 <= response.status < 300:
+                raise ApiError(response.status, _status_message(await response.text()))
+            node = json.loads(await response.read())
+        finally:
+            response.release()
+    except (ApiError, aiohttp.ClientError, TimeoutError, ValueError, OSError) as err:
+        log.warning("Cannot read this node's zone; topology hints will not be used.",
+                    node=node_name, reason=_describe(err))  # fmt: skip
+        return ""
+    labels = (node.get("metadata") or {}).get("labels") or {}
+    zone = labels.get(ZONE_LABEL, "")
+    return zone if isinstance(zone, str) else ""
+
+
 async def api_client(kubeconfig: str | None, master: str | None) -> client.ApiClient:
     """From a kubeconfig (with --master overriding its server), a bare --master URL, or the
     in-cluster service account, as kube-proxy decides."""

@@ -562,7 +562,10 @@ class Proxier:
             runtime = self.runtimes.get(name)
             local = self.settings.node_name if runtime and runtime.port.internal_local else None
             had_endpoints = bool(self.balancer.endpoints(name))
-            endpoints = self._without_loops(name, self.endpoints.endpoints(name, local_node=local))
+            found = self.endpoints.endpoints(
+                name, local_node=local, topology=self.settings.topology
+            )
+            endpoints = self._without_loops(name, found)
             if runtime is None and not endpoints and not self.balancer.has_service(name):
                 continue
             self.balancer.update_endpoints(name, endpoints)

@@ -206,10 +206,14 @@ def port_rules(entry: PortalPort, config: PortalConfig) -> list[Rule]:
     ]
     for ip in port.load_balancer_ips_of(family):
         dst = port.family.host_cidr(ip)
-        rules += [
-            _rule(PORTALS_CONTAINER, external, port, port.port, dst=dst),
-            _rule(PORTALS_HOST, host, port, port.port, dst=dst),
-        ]
+        for source in port.source_ranges or (None,):
+            rules.append(_rule(PORTALS_CONTAINER, external, port, port.port, dst=dst, src=source))
+        rules.append(_rule(PORTALS_HOST, host, port, port.port, dst=dst))
+        if port.source_ranges:
+            # From outside the ranges the portal does not take it, so it keeps the LB IP as
+            # its destination: dropped here when that IP is the node's (a routed-through
+            # LB IP is not dropped by the userspace mode; it is not served either).
+            rules.append(_rule(USERPROXY_FILTER, DROP, port, port.port, dst=dst))
     for ip in port.external_ips_of(family):
         dst = port.family.host_cidr(ip)
         rules += [
@@ -289,6 +293,7 @@ def _rule(
     addrtype_local: bool = False,
     ctstate_not_dnat: bool = False,
     state_new: bool = False,
+    src: str | None = None,
 ) -> Rule:
     return Rule(
         chain,
@@ -303,6 +308,7 @@ def _rule(
         addrtype_local=addrtype_local,
         ctstate_not_dnat=ctstate_not_dnat,
         state_new=state_new,
+        matches=("-s", src) if src else (),
     )
 
 
