@@ -317,3 +317,12 @@ def test_console_logs_into_a_pipe_have_no_colour_codes(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode != 0 and result.stderr
     assert "\x1b[" not in result.stderr
+
+
+def test_the_readme_lists_every_run_flag_as_the_code_defines_it() -> None:
+    from userproxy import flagtable
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert flagtable.in_readme(readme) == flagtable.table(), (
+        "README's flag table is stale: regenerate it with python -m userproxy.flagtable"
+    )
