@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -326,3 +327,54 @@ def test_the_readme_lists_every_run_flag_as_the_code_defines_it() -> None:
     assert flagtable.in_readme(readme) == flagtable.table(), (
         "README's flag table is stale: regenerate it with python -m userproxy.flagtable"
     )
+
+
+def free_local_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((LOCAL, 0))
+        return int(s.getsockname()[1])
+
+
+def tmux(args: list[str], *, check: bool = True) -> str:
+    return subprocess.run(
+        ["tmux", *args], capture_output=True, text=True, check=check, timeout=10
+    ).stdout
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+async def test_ls_watch_in_a_real_terminal_shows_rates(
+    run_proxy: Callable[..., object], backends: list[TcpBackend], tmp_path: Path
+) -> None:
+    """`ls --watch` in a tmux pane (a real terminal): the table refreshes with per-second
+    rates while connections go through; read back with capture-pane."""
+    metrics = f"{LOCAL}:{free_local_port()}"
+    manifest = [
+        service("web", cluster_ip="10.96.0.10", ports=[("http", 80)]),
+        endpoint_slice("web", addresses=[LOCAL], ports=[("http", backends[0].port)]),
+    ]
+    proxy: RunningProxy = await run_proxy(manifest, "--metrics-bind-address", metrics)  # type: ignore[assignment]
+    port = proxy.proxy_port("default/web:http")
+    assert port is not None
+    session = f"upls{os.getpid()}"
+    command = " ".join([*USERPROXY, "ls", "--address", metrics, "--watch", "0.5"])
+    tmux(["new-session", "-d", "-s", session, "-x", "160", "-y", "40", command])
+    try:
+        screen = ""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 15
+        while loop.time() < deadline:
+            for _ in range(5):
+                assert await tcp_name(port) == "pod1"
+            await asyncio.sleep(0.3)
+            screen = await asyncio.to_thread(tmux, ["capture-pane", "-p", "-t", session])
+            rows = [ln for ln in screen.splitlines() if ln.strip().startswith("-> 127.0.0.1")]
+            if "Conn/s" in screen and rows and rows[0].split()[5] not in ("0", "0.0"):
+                break
+        else:
+            pytest.fail(f"no rate appeared:\n{screen}")
+        assert screen.count("Every 0.5s") == 1  # redrawn in place, not appended
+        assert "\x1b" not in screen
+    finally:
+        tmux(["kill-session", "-t", session], check=False)

@@ -372,14 +372,34 @@ def worker(channel_fd: int) -> None:
     help="The running proxy's --metrics-bind-address.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON the proxy serves.")
-def ls(address: str, as_json: bool) -> None:
+@click.option(
+    "--watch",
+    type=float,
+    is_flag=False,
+    flag_value=1.0,
+    default=None,
+    metavar="SECONDS",
+    help="Refresh every SECONDS (1 if not given) with rates: new connections and bytes per "
+    "second per endpoint (like watch ipvsadm -Ln --rate). Ctrl-C ends it.",
+)
+def ls(address: str, as_json: bool, watch: float | None) -> None:
     """Show a running proxy's service ports and endpoints with their connections
     (in the spirit of ipvsadm -Ln)."""
     import json
-    import urllib.error
-    import urllib.request
 
     from userproxy.serving.status import render
+
+    url = _status_url(address)
+    if watch is not None:
+        _watch(url, max(watch, 0.1))
+        return
+    status = _read_status(url)
+    click.echo(json.dumps(status, indent=2) if as_json else render(status), nl=not as_json)
+    if as_json:
+        click.echo()
+
+
+def _status_url(address: str) -> str:
     from userproxy.settings import split_address
 
     try:
@@ -387,17 +407,42 @@ def ls(address: str, as_json: bool) -> None:
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--address") from None
     host = "127.0.0.1" if host == "0.0.0.0" else f"[{host}]" if ":" in host else host
-    url = f"http://{host}:{port}/status"
+    return f"http://{host}:{port}/status"
+
+
+def _read_status(url: str) -> Any:
+    import json
+    import urllib.error
+    import urllib.request
+
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
-            status = json.load(response)
+            return json.load(response)
     except (urllib.error.URLError, OSError, ValueError) as err:
         raise click.ClickException(
             f"cannot read {url} ({err}); is userproxy running with --metrics-bind-address?"
         ) from None
-    click.echo(json.dumps(status, indent=2) if as_json else render(status), nl=not as_json)
-    if as_json:
-        click.echo()
+
+
+def _watch(url: str, every: float) -> None:
+    """The live view: the table with per-second rates, redrawn in place on a terminal
+    (appended, without control codes, when piped)."""
+    import time
+
+    from userproxy.serving.status import rates, render
+
+    before, then = _read_status(url), time.monotonic()
+    try:
+        while True:
+            time.sleep(every)
+            now_status, now = _read_status(url), time.monotonic()
+            view = render(now_status, rates(before, now_status, now - then))
+            click.clear()  # only on a terminal
+            stamp = time.strftime("%H:%M:%S")
+            click.echo(f"Every {every:g}s: {url}   {stamp}\n\n{view}")
+            before, then = now_status, now
+    except KeyboardInterrupt:
+        return
 
 
 @main.command()

@@ -113,10 +113,45 @@ def _policies(sp: dict[str, Any]) -> list[str]:
     return out
 
 
-def render(status: Status) -> str:
+#: Per (service port, family, endpoint): new connections per second, bytes in and out per second.
+Rates = dict[tuple[str, str, str], tuple[float, float, float]]
+
+
+def rates(before: Status, after: Status, seconds: float) -> Rates:
+    """What moved per second between two readings (`ls --watch`, like `ipvsadm --rate`).
+    Counters that went down (a restart) count from zero; the kernel's missing ones as 0."""
+
+    def totals(status: Status) -> dict[tuple[str, str, str], tuple[int, int, int]]:
+        out = {}
+        for sp in status["service_ports"]:
+            for ep in sp["endpoints"]:
+                key = (sp["name"], sp.get("family", "IPv4"), ep["address"])
+                out[key] = (ep["total"] or 0, ep["bytes_from_clients"] or 0,
+                            ep["bytes_to_clients"] or 0)  # fmt: skip
+        return out
+
+    old, new = totals(before), totals(after)
+    span = max(seconds, 1e-6)
+    result: Rates = {}
+    for key, values in new.items():
+        prior = old.get(key, (0, 0, 0))
+        deltas = [v - p if v >= p else v for v, p in zip(values, prior, strict=True)]
+        result[key] = (deltas[0] / span, deltas[1] / span, deltas[2] / span)
+    return result
+
+
+def _rate(value: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if value >= size:
+            return f"{value / size:.1f}{unit}"
+    return f"{value:.0f}" if value >= 10 or value == 0 else f"{value:.1f}"
+
+
+def render(status: Status, per_second: Rates | None = None) -> str:
     lines = [
         f"{'Prot':<5}{'VirtualAddress:Port':<26}{'Service':<32}{'ProxyPort':>9}  Scheduler",
-        f"  -> {'Endpoint':<28}{'ActiveConn':>11}{'TotalConn':>11}{'InBytes':>12}{'OutBytes':>12}",
+        f"  -> {'Endpoint':<28}{'ActiveConn':>11}{'TotalConn':>11}{'InBytes':>12}{'OutBytes':>12}"
+        + (f"{'Conn/s':>9}{'InB/s':>9}{'OutB/s':>9}" if per_second is not None else ""),
     ]
     for sp in status["service_ports"]:
         scheduler = "rr" + (
@@ -146,10 +181,15 @@ def render(status: Status) -> str:
         for ep in sp["endpoints"]:
             address = ep["address"] + (" (removed)" if ep["removed"] else "")
             cells = [_cell(ep[k]) for k in ("active", "total", "bytes_from_clients")]
-            lines.append(
+            row = (
                 f"  -> {address:<28}{cells[0]:>11}{cells[1]:>11}"
                 f"{cells[2]:>12}{_cell(ep['bytes_to_clients']):>12}"
             )
+            if per_second is not None:
+                key = (sp["name"], sp.get("family", "IPv4"), ep["address"])
+                conns, inbound, outbound = per_second.get(key, (0.0, 0.0, 0.0))
+                row += f"{_rate(conns):>9}{_rate(inbound):>9}{_rate(outbound):>9}"
+            lines.append(row)
     for failed in status["failed"]:
         lines.append(f"!    {failed['name']}: not served: {failed['reason']}")
     for refused in status.get("refused", ()):
