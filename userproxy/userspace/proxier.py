@@ -602,7 +602,7 @@ class Proxier:
         if not is_loopback(endpoint.ip) or (name, endpoint) in self._reported:
             return
         self._reported.add((name, endpoint))
-        log.warning("An endpoint on loopback is served only to clients on this node; pods and "
+        log.info("An endpoint on loopback is served only to clients on this node; pods and "
                     "other hosts are sent to the service's other endpoints.",
                     service=str(name), endpoint=str(endpoint))  # fmt: skip
 
