@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import signal
 import sys
@@ -458,8 +457,7 @@ def rules() -> None:
 @click.option("--connections", default=9, show_default=True, help="Connections per round.")
 def demo(connections: int) -> None:
     """Balance real connections across three local backends, from a manifest, no cluster."""
-    logs.configure(verbosity=0, fmt="console")
-    logging.getLogger().setLevel(logging.WARNING)  # the demo narrates; only problems are logged
+    logs.configure(fmt="console", quiet=True)  # the demo narrates; only problems are logged
     from userproxy.demo import run_demo
 
     async def go() -> int:

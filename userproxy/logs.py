@@ -22,8 +22,9 @@ def level_for(verbosity: int) -> int:
     return logging.INFO if verbosity <= 0 else logging.DEBUG
 
 
-def configure(*, verbosity: int = 0, fmt: LogFormat = "auto") -> None:
-    level = level_for(verbosity)
+def configure(*, verbosity: int = 0, fmt: LogFormat = "auto", quiet: bool = False) -> None:
+    """`quiet`: warnings and errors only (the demo, which narrates what happens itself)."""
+    level = logging.WARNING if quiet else level_for(verbosity)
     console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
     shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
