@@ -183,8 +183,26 @@ async def test_two_workers_keep_ipv6_clients_affinity(tmp_path: Path) -> None:
             endpoint_slice("sticky", addresses=list(topo.POD_IPS6.values()),
                            ports=[("tcp", 8080)], name="sticky-6"),
         ]))  # fmt: skip
-        procs.append(await start_userproxy(ns["node"], "--manifests", str(path), "--workers", "2"))
+        ports: list[int] = []
+
+        def note(event: dict[str, Any]) -> None:
+            if event.get("cluster_ip") == vips[1]:
+                ports.append(int(event["proxy_port"]))
+
+        procs.append(await start_userproxy(
+            ns["node"], "--manifests", str(path), "--workers", "2", on_event=note
+        ))  # fmt: skip
         loop = asyncio.get_running_loop()
+        # Until the worker holds the IPv6 proxy port too, the kernel has only the leader's
+        # socket to pick: steering starts once both processes listen.
+        deadline = loop.time() + 15
+        while True:
+            listening = await asyncio.to_thread(topo.run_in, ns["node"], "ss", "-Hltnp6")
+            holders = [ln for ln in listening.splitlines() if f"]:{ports[0]} " in ln]
+            if len(holders) >= 2:  # one listening socket per process
+                break
+            assert loop.time() < deadline, listening
+            await asyncio.sleep(0.1)
         seen: dict[str, set[str]] = {}
         for address in CLIENTS6:
             for _ in range(6):
