@@ -289,6 +289,10 @@ async def prepared(settings: Settings) -> AsyncIterator[Node]:
         await servers.stop()
         await proxy.close_unstarted()
         if lock is not None:
+            if not proxy.keep_rules and lock.held:
+                # The rules went with us: no later process needs our ports.
+                with contextlib.suppress(OSError):
+                    lock.journal_path.unlink()
             lock.release()
 
 
