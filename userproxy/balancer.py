@@ -57,7 +57,6 @@ class _PortState:
 Shuffle = Callable[[list[Endpoint]], None]
 #: Whether a client address is on this node (and so may reach loopback endpoints).
 NodeClient = Callable[[str], bool]
-_NOTHING: frozenset[Endpoint] = frozenset()
 
 
 def _loopback(ip: str) -> bool:
@@ -120,8 +119,11 @@ class RoundRobinBalancer:
             if session is not None and int(now - session.last_used) < affinity.timeout_s:
                 session.last_used = now
                 return session.endpoint
-        remote = bool(state.node_only) and not self._is_node_client(client_ip)
-        endpoint = self._advance(state, name, skip=state.node_only if remote else _NOTHING)
+        if state.node_only and not self._is_node_client(client_ip):
+            endpoint = self._advance(state, name, skip=state.node_only)
+        else:  # the common case, kept to two list operations (a per-connection path)
+            endpoint = state.endpoints[state.index]
+            state.index = (state.index + 1) % len(state.endpoints)
         if affinity.client_ip:
             state.sessions[client_ip] = _Session(endpoint, now)
         return endpoint
