@@ -52,8 +52,3 @@ class Adoption:
                 sock.close()
         self._ports.clear()
         return len(rest)
-
-
-#: Nothing inherited: a plain cold start.
-def nothing() -> Adoption:
-    return Adoption()
