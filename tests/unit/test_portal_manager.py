@@ -11,7 +11,11 @@ from userproxy.iptables.rule import Rule, Target
 from userproxy.model import Protocol, ServicePort, ServicePortName
 from userproxy.testing.fakes import FakeClaimer, FakeConntrack, FakeIptables
 from userproxy.userspace.portals import backends
-from userproxy.userspace.portals.conntrack import delete_lines, unredirected_lines
+from userproxy.userspace.portals.conntrack import (
+    delete_lines,
+    service_destinations,
+    unredirected_lines,
+)
 from userproxy.userspace.portals.interface import ActivePort
 from userproxy.userspace.portals.manager import PortalManager
 from userproxy.userspace.portals.rules import PortalConfig
@@ -220,15 +224,22 @@ async def test_entries_made_while_the_rules_were_absent_are_flushed_once_they_ar
     await rig.manager.close()
 
 
+LISTING = """\
+tcp      6 119 SYN_SENT src=192.168.77.1 dst=10.96.0.10 sport=38570 dport=80 [UNREPLIED] src=10.96.0.10 dst=192.168.77.1 sport=80 dport=38570 mark=0 use=1
+tcp      6 86399 ESTABLISHED src=10.244.0.2 dst=10.96.0.10 sport=41000 dport=80 src=10.0.0.5 dst=10.244.0.2 sport=40001 dport=41000 [ASSURED] mark=0 use=1
+udp      17 29 src=192.168.77.1 dst=10.96.0.12 sport=5353 dport=53 [UNREPLIED] src=10.96.0.12 dst=192.168.77.1 sport=53 dport=5353 mark=0 use=1
+tcp      6 119 SYN_SENT src=192.168.77.9 dst=10.0.0.5 sport=5000 dport=30080 [UNREPLIED] src=10.0.0.5 dst=192.168.77.9 sport=30080 dport=5000 mark=0 use=1
+tcp      6 119 SYN_SENT src=192.168.77.1 dst=10.1.1.1 sport=6000 dport=80 [UNREPLIED] src=10.1.1.1 dst=192.168.77.1 sport=80 dport=6000 mark=0 use=1
+"""  # noqa: E501
+
+
 def test_unredirected_entries_are_recognised_by_their_reply_source() -> None:
-    lines = unredirected_lines([WEB.port, udp("dns", "10.96.0.12", 1).port])
-    assert lines == [
-        "-D -p tcp --orig-dst 10.96.0.10 --orig-port-dst 80 --reply-src 10.96.0.10 "
-        "--reply-port-src 80",
-        "-D -p tcp --orig-port-dst 30080 --reply-port-src 30080",
-        "-D -p udp --orig-dst 10.96.0.12 --orig-port-dst 53 --reply-src 10.96.0.12 "
-        "--reply-port-src 53",
-    ]
+    wanted = service_destinations([WEB.port, udp("dns", "10.96.0.12", 1).port])
+    assert unredirected_lines(LISTING, wanted) == [
+        "-D -p tcp -s 192.168.77.1 -d 10.96.0.10 --sport 38570 --dport 80",  # gap entry
+        "-D -p udp -s 192.168.77.1 -d 10.96.0.12 --sport 5353 --dport 53",
+        "-D -p tcp -s 192.168.77.9 -d 10.0.0.5 --sport 5000 --dport 30080",  # the NodePort
+    ]  # the redirected connection and the unrelated address stay
 
 
 async def test_close_keeping_the_rules_leaves_them_for_the_successor() -> None:

@@ -440,8 +440,11 @@ class Proxier:
         if self.adoption is None:
             return None
         key = listener_key(port.name, port.protocol, port.family) + (EXTERNAL if external else "")
-        listener = self._make_listener(port, stats, connections, external=external)
         sock = self.adoption.take(key)
+        wanted = None if sock is not None else self.adoption.port(key)
+        if sock is None and wanted is None:
+            return None  # nothing inherited for this one (the common case of a cold start)
+        listener = self._make_listener(port, stats, connections, external=external)
         if sock is not None:
             proxy_port = listener.adopt(sock)
             self.allocator.claim(proxy_port)
@@ -449,7 +452,6 @@ class Proxier:
             if workers > 1:
                 steer_by_client_ip(sock, workers)
             return listener, proxy_port
-        wanted = self.adoption.port(key)
         if wanted is None or not self.allocator.claim(wanted):
             return None
         try:
