@@ -18,6 +18,7 @@ import yaml
 
 from tests.netns import topology as topo
 from tests.netns.procs import start_backends, start_userproxy, stop_all
+from tests.netns.test_portals_e2e import tcp
 from userproxy.objects import endpoint_slice, service
 
 pytestmark = [
@@ -95,16 +96,6 @@ async def node(request: Any, tmp_path: Path) -> AsyncIterator[dict[str, str]]:
 
 def family(host: str) -> int:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
-
-
-async def tcp(netns: str, host: str, port: int) -> str:
-    loop = asyncio.get_running_loop()
-    sock = topo.socket_in(netns, socket.SOCK_STREAM, family(host))
-    try:
-        await asyncio.wait_for(loop.sock_connect(sock, (host, port)), 3)
-        return (await asyncio.wait_for(loop.sock_recv(sock, 100), 3)).decode().strip()
-    finally:
-        sock.close()
 
 
 async def udp(netns: str, host: str, port: int) -> str:

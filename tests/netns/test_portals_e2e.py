@@ -78,7 +78,8 @@ async def cluster(net: dict[str, str], tmp_path: Path, request: Any) -> AsyncIte
 
 async def tcp(netns: str, host: str, port: int) -> str:
     loop = asyncio.get_running_loop()
-    sock = topo.socket_in(netns)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = topo.socket_in(netns, socket.SOCK_STREAM, family)
     try:
         await asyncio.wait_for(loop.sock_connect(sock, (host, port)), 3)
         return (await asyncio.wait_for(loop.sock_recv(sock, 100), 3)).decode().strip()

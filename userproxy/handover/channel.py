@@ -8,7 +8,7 @@ import asyncio
 import os
 import socket
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from userproxy.handover.protocol import (
     FDS_PER_MESSAGE,
@@ -85,22 +85,19 @@ class Channel:
         self.sock.close()
 
     async def _readable(self) -> None:
-        ready: asyncio.Future[None] = self.loop.create_future()
-        fd = self.sock.fileno()
-        self.loop.add_reader(fd, _settle, ready)
-        try:
-            await ready
-        finally:
-            self.loop.remove_reader(fd)
+        await self._ready(self.loop.add_reader, self.loop.remove_reader)
 
     async def _writable(self) -> None:
+        await self._ready(self.loop.add_writer, self.loop.remove_writer)
+
+    async def _ready(self, watch: Callable[..., object], unwatch: Callable[[int], object]) -> None:
         ready: asyncio.Future[None] = self.loop.create_future()
         fd = self.sock.fileno()
-        self.loop.add_writer(fd, _settle, ready)
+        watch(fd, _settle, ready)
         try:
             await ready
         finally:
-            self.loop.remove_writer(fd)
+            unwatch(fd)
 
 
 def _settle(ready: asyncio.Future[None]) -> None:

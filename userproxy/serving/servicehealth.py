@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
-import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import structlog
 
 from userproxy.handover.adoption import Adoption
+from userproxy.model import Family
 from userproxy.provider import ProxyStatus
+from userproxy.userspace.tcp import listening_socket
 
 log = structlog.get_logger("userproxy.servicehealth")
 
@@ -131,7 +131,7 @@ class ServiceHealthServers:
             key = f"health/{port}/{address}"
             sock = self.adoption.take(key) if self.adoption is not None else None
             try:
-                sock = sock or _bound(address, port)
+                sock = sock or listening_socket(address, port, Family.of(address))
             except OSError as err:
                 errors.append(f"{address}: {err.strerror or err}")
                 continue
@@ -172,19 +172,3 @@ class ServiceHealthServers:
             for port in list(self._servers):
                 await self._close(port)
             self._failed.clear()
-
-
-def _bound(address: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((address, port))
-        sock.listen(socket.SOMAXCONN)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock

@@ -432,20 +432,7 @@ class TcpProxy:
 
         The socket is made here rather than by `create_server(host=...)`, which resolves the
         address through getaddrinfo in a thread: 0.5 ms per listener, 5 s for 10,000."""
-        sock = socket.socket(family.socket_family)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family is Family.IPv6:  # the IPv4 side has listeners of its own
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((host, port))
-            sock.listen(socket.SOMAXCONN)
-            sock.setblocking(False)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
+        sock = self.sock = listening_socket(host, port, family, reuse_port=reuse_port)
         return int(sock.getsockname()[1])
 
     async def start(self) -> None:
@@ -546,6 +533,27 @@ class TcpProxy:
         elif self.sock is not None:
             self.sock.close()  # bound but never started
         self.sock = None
+
+
+def listening_socket(
+    host: str, port: int, family: Family, *, reuse_port: bool = False
+) -> socket.socket:
+    """A non-blocking TCP socket bound and listening (IPv6 ones IPv6-only: the IPv4 side has
+    listeners of its own)."""
+    sock = socket.socket(family.socket_family)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family is Family.IPv6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(socket.SOMAXCONN)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _describe(err: BaseException) -> str:
