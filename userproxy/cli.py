@@ -114,7 +114,7 @@ def main() -> None:
     type=click.Choice(list(modes.MODES)),
     default="userspace",
     show_default=True,
-    help="userspace: listeners relay the traffic; iptables: kernel rules only (root).",
+    help="userspace: listeners relay the traffic; iptables, nftables: kernel rules only (root).",
 )
 @click.option(
     "--masquerade-all",
@@ -184,6 +184,13 @@ def main() -> None:
     default="auto",
     show_default=True,
     help="Install the iptables portals (ClusterIP/NodePort interception); auto: on as root.",
+)
+@click.option(
+    "--portals-backend",
+    type=click.Choice(["auto", "iptables", "nftables"]),
+    default="auto",
+    show_default=True,
+    help="Where portals are written; auto: nftables if the host uses it natively, else iptables.",
 )
 @click.option(
     "--iptables-backend",
@@ -446,7 +453,7 @@ def _watch(url: str, every: float) -> None:
 
 @main.command()
 def rules() -> None:
-    """Print the iptables rules userproxy owns (either mode), in iptables-save form."""
+    """Print the rules userproxy owns (any mode): iptables-save form, then nft tables."""
     from userproxy import main as composition
 
     needs_root("userproxy rules")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +131,7 @@ class DualStack:
             service_ports=tuple(sp for part in parts for sp in part.service_ports),
             failed=tuple(failed),
             pending_service_changes=sum(part.pending_service_changes for part in parts),
+            failures=_summed(f for part in parts for f in part.failures),
         )
 
     async def close(self, *, keep_rules: bool = False) -> None:
@@ -175,3 +176,11 @@ def settings_for(settings: Settings, family: Family) -> Settings | str:
     if family is Family.IPv6 and not Path("/proc/net/if_inet6").exists():
         return "this host has IPv6 disabled"
     return dataclasses.replace(settings, bind_address=other)
+
+
+def _summed(counts: Iterable[tuple[str, int]]) -> tuple[tuple[str, int], ...]:
+    """Per-name counters of both families, added up."""
+    total: dict[str, int] = {}
+    for name, count in counts:
+        total[name] = total.get(name, 0) + count
+    return tuple(total.items())

@@ -34,6 +34,9 @@ from userproxy.iptables.detect import host_iptables
 from userproxy.iptables.interface import Iptables, RulesError
 from userproxy.localaddrs import local_addresses
 from userproxy.model import Family
+from userproxy.nftables.exec import ExecNftables, nft_available
+from userproxy.nftables.interface import NftError
+from userproxy.nftables.transaction import NftFamily
 from userproxy.provider import Provider, StartupError
 from userproxy.serving.servers import ServerError, Servers
 from userproxy.serving.servicehealth import ServiceHealthServers
@@ -345,16 +348,34 @@ def make_provider(
     return build(settings, take_over_rules=take_over_rules, adoption=adoption)
 
 
-def _rules_modules(keep: str | None = None) -> list[Any]:
-    return [modes.load(mode.rules) for name, mode in modes.MODES.items() if name != keep]
+def _rules_modules() -> list[Any]:
+    return [modes.load(mode.rules) for mode in modes.MODES.values() if mode.rules]
+
+
+def _families() -> list[Family]:
+    """IPv4, and IPv6 where the host has it."""
+    families = [Family.IPv4]
+    if Path("/proc/net/if_inet6").exists():
+        families.append(Family.IPv6)
+    return families
 
 
 def _hosts() -> list[Iptables]:
     """Both iptables variants of IPv4, and of IPv6 where the host has it."""
-    families = [Family.IPv4]
-    if Path("/proc/net/if_inet6").exists():
-        families.append(Family.IPv6)
-    return [iptables for family in families for iptables in host_iptables(family).values()]
+    return [iptables for family in _families() for iptables in host_iptables(family).values()]
+
+
+def _nft_tables(keep: str | None = None) -> list[ExecNftables]:
+    """Every nftables table any mode (but `keep`) owns, in each family the host has."""
+    if not nft_available():
+        return []
+    return [
+        ExecNftables(NftFamily.of(family), table)
+        for name, mode in modes.MODES.items()
+        if name != keep
+        for table in mode.tables
+        for family in _families()
+    ]
 
 
 def _each(hosts: list[Iptables], action: Callable[[Any, Iptables], Any]) -> list[Any]:
@@ -372,15 +393,31 @@ def _each(hosts: list[Iptables], action: Callable[[Any, Iptables], Any]) -> list
 
 
 def remove_rules(*, keep: str | None = None) -> int:
-    """Remove every mode's rules (but `keep`'s) from both iptables variants, both families.
-    Idempotent."""
-    keep_module = modes.load(modes.MODES[keep].rules) if keep else None
-    return sum(_each(_hosts(), lambda m, ipt: 0 if m is keep_module else m.cleanup(ipt)))
+    """Remove every mode's rules (but `keep`'s) from both iptables variants and nftables,
+    both families. Idempotent."""
+    rules = modes.MODES[keep].rules if keep else None
+    keep_module = modes.load(rules) if rules else None
+    removed: int = sum(_each(_hosts(), lambda m, ipt: 0 if m is keep_module else m.cleanup(ipt)))
+    for nft in _nft_tables(keep):
+        try:
+            removed += nft.delete_table()
+        except NftError as err:
+            raise RulesError(str(err)) from err
+    return removed
 
 
 def owned_rules_text() -> str:
-    """Every rule any mode owns, in iptables-save form, per variant and family that has any."""
-    return "".join(_each(_hosts(), lambda m, ipt: m.owned_rules_text(ipt)))
+    """Every rule any mode owns: iptables-save form per variant and family that has any,
+    then each nftables table in `nft list` form."""
+    texts = _each(_hosts(), lambda m, ipt: m.owned_rules_text(ipt))
+    for nft in _nft_tables():
+        try:
+            listing = nft.listing()
+        except NftError:
+            continue
+        if listing:
+            texts.append(f"# {nft.name}\n{listing}")
+    return "".join(texts)
 
 
 async def serve(settings: Settings) -> int:

@@ -105,6 +105,9 @@ class ProxyStatus:
     pending_service_changes: int = 0
     #: Objects the sources gave that were refused, with where they came from and why.
     refused: tuple[RefusedObject, ...] = ()
+    #: Failures the mode counts by name (`nftables_sync`: transactions nft refused), exported
+    #: as `kubeproxy_sync_proxy_rules_<name>_failures_total`.
+    failures: tuple[tuple[str, int], ...] = ()
 
     def find(self, name: str | ServicePortName) -> ServicePortStatus | None:
         for sp in self.service_ports:

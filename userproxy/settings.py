@@ -23,6 +23,7 @@ from userproxy.ports import PortRange, parse_port_range
 
 LogFormat = Literal["auto", "console", "json"]
 PortalsChoice = Literal["auto", "on", "off"]
+PortalsBackend = Literal["auto", "iptables", "nftables"]
 BackendChoice = Literal["auto", "legacy", "nft"]
 
 
@@ -129,6 +130,11 @@ class UserspaceSettings:
     """`--portals`: install the iptables portals that send service traffic to the proxy
     ports; auto means on when running as root."""
 
+    portals_backend: PortalsBackend = "auto"
+    """`--portals-backend`: iptables (KUBE-PORTALS-* chains, the old shapes) or nftables (one
+    `userproxy-portals` table of maps); auto: nftables where the host uses nftables natively
+    and no iptables rules, else iptables."""
+
     workers: int = 1
     """`--workers`: processes serving the data plane (SO_REUSEPORT, steered by client IP)."""
 
@@ -144,6 +150,10 @@ class UserspaceSettings:
             raise SettingsError("workers must be between 1 and 64")
         if self.portals not in ("auto", "on", "off"):
             raise SettingsError(f"portals {self.portals!r} is not auto, on or off")
+        if self.portals_backend not in ("auto", "iptables", "nftables"):
+            raise SettingsError(
+                f"portals-backend {self.portals_backend!r} is not auto, iptables or nftables"
+            )
 
 
 @dataclass(frozen=True)
@@ -348,6 +358,7 @@ OPTIONS: dict[str, str] = {
     "use_endpoints": "sources.use_endpoints",
     "service_node_port_range": "sources.node_port_range",
     "portals": "userspace.portals",
+    "portals_backend": "userspace.portals_backend",
     "workers": "userspace.workers",
     "drain_timeout": "handover.drain_timeout",
     "successor_wait": "handover.successor_wait",

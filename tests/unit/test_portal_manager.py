@@ -39,7 +39,7 @@ class Rig:
         self.claimer = FakeClaimer(taken=taken or set())
         self.conntrack = FakeConntrack()
         self.manager = PortalManager(
-            chains=backends.portal_sync(self.iptables),
+            rules=backends.IptablesPortals(self.iptables, CONFIG),
             config=CONFIG,
             full_sync_period=30.0,
             claimer=self.claimer,

@@ -3,9 +3,7 @@ removing the userspace mode's portals and any iptables-mode rules in the other v
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from pathlib import Path
 
 import structlog
 
@@ -17,6 +15,7 @@ from userproxy.iptables.interface import RulesError
 from userproxy.iptables_mode import provider as iptables_mode
 from userproxy.iptables_mode.provider import IptablesProvider, KernelRuleWriter
 from userproxy.iptables_mode.rules import KernelConfig
+from userproxy.kernelmodes import check_root, warn_if_not_forwarding
 from userproxy.model import Family
 from userproxy.provider import StartupError
 from userproxy.settings import Settings
@@ -30,8 +29,7 @@ def make_provider(
     """The IPv4 rules in iptables, and the IPv6 ones in ip6tables once an IPv6 or dual-stack
     Service arrives. `adoption` is unused: the kernel serves, there are no listening sockets
     to inherit."""
-    if os.geteuid() != 0:
-        raise StartupError("proxy-mode iptables writes kernel rules: run it as root")
+    check_root("iptables")
     primary = Family.IPv4
 
     def factory(family: Family) -> IptablesProvider | str:
@@ -56,19 +54,6 @@ def _family_provider(
     except RulesError as err:
         raise StartupError(f"cannot program {family.tool} ({err})") from err
     log.info("Running in iptables mode.", backend=writer.iptables.name, family=family.value)
-    forwarding = "net/ipv6/conf/all/forwarding" if family is Family.IPv6 else "net/ipv4/ip_forward"
-    if _sysctl(forwarding) == "0":
-        log.warning(
-            "Forwarding is off: the kernel will drop service traffic it DNATs to other hosts "
-            "or pods; a Kubernetes node needs it on.",
-            sysctl=forwarding.replace("/", "."),
-        )
+    warn_if_not_forwarding(family)
     config = KernelConfig(masquerade_all=settings.iptables.masquerade_all, family=family)
     return IptablesProvider(settings=settings, writer=writer, config=config)
-
-
-def _sysctl(name: str) -> str:
-    try:
-        return Path(f"/proc/sys/{name}").read_text().strip()
-    except OSError:
-        return ""

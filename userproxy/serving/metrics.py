@@ -104,6 +104,12 @@ class _ProxyCollector(Collector):
         yield _counter(
             "userproxy_sync_failures", "Syncs that failed and were retried", runner.failures
         )
+        for name, count in status.failures:
+            yield _counter(
+                f"kubeproxy_sync_proxy_rules_{name}_failures",
+                f"Proxy rules {name.replace('_', ' ')} failures",
+                count,
+            )
         yield _counter(
             "userproxy_objects_rejected",
             "Objects or service ports refused as invalid",

@@ -11,14 +11,20 @@ import structlog
 
 from userproxy.dualstack import DualStack, settings_for
 from userproxy.handover.adoption import Adoption
-from userproxy.iptables.detect import host_iptables
+from userproxy.iptables.detect import host_iptables, rule_count
 from userproxy.iptables.interface import RulesError
 from userproxy.model import Family
+from userproxy.nftables.detect import nft_tables
+from userproxy.nftables.exec import ExecNftables, nft_available
+from userproxy.nftables.interface import NftError
+from userproxy.nftables.transaction import NftFamily
 from userproxy.provider import StartupError
 from userproxy.settings import Settings
-from userproxy.userspace.portals import backends
+from userproxy.userspace.portals import backends, nftrules
 from userproxy.userspace.portals.claims import SocketClaimer
+from userproxy.userspace.portals.interface import PortalRules
 from userproxy.userspace.portals.manager import PortalManager, detect_host_ip
+from userproxy.userspace.portals.nftwriter import NftPortals
 from userproxy.userspace.portals.rules import PortalConfig
 from userproxy.userspace.proxier import Proxier
 from userproxy.userspace.workers import WorkerPool
@@ -108,15 +114,51 @@ def make_portals(
     )
     try:
         take_over_rules()
-        iptables = backends.portal_iptables(settings.iptables.backend, family)
-        for variant, host in host_iptables(family).items():
-            if variant != iptables.variant:
-                backends.cleanup(host)
-    except RulesError as err:
+        rules = portal_rules(settings, config)
+    except (RulesError, NftError) as err:
         raise StartupError(f"cannot program {family.tool} ({err})") from err
     return PortalManager(
-        chains=backends.portal_sync(iptables),
+        rules=rules,
         config=config,
         full_sync_period=settings.sync_period,
         claimer=SocketClaimer(adoption, family),
     )
+
+
+def portal_rules(settings: Settings, config: PortalConfig) -> PortalRules:
+    """The portals on the chosen backend, after removing what the other backends (another
+    iptables variant, or the nftables table) hold from an earlier run: the kernel would
+    evaluate both."""
+    family = config.family
+    nft = ExecNftables(NftFamily.of(family), nftrules.TABLE) if nft_available() else None
+    if portals_backend(settings) == "nftables":
+        if nft is None:
+            raise StartupError("--portals-backend nftables needs the nft binary: install nftables")
+        for host in host_iptables(family).values():
+            backends.cleanup(host)
+        log.info("Programming portal rules.", backend=nft.name, family=family.value)
+        return NftPortals(nft, nftrules.ElementBuilder(config))
+    iptables = backends.portal_iptables(settings.iptables.backend, family)
+    for variant, host in host_iptables(family).items():
+        if variant != iptables.variant:
+            backends.cleanup(host)
+    if nft is not None:
+        nft.delete_table()
+    return backends.IptablesPortals(iptables, config)
+
+
+def portals_backend(settings: Settings) -> str:
+    """`auto`: nftables where the host uses nftables natively (it has tables iptables-nft did
+    not make, or our portal table from an earlier run) and holds no iptables rules; iptables
+    everywhere else, so hosts that use iptables keep the old chains."""
+    choice = settings.userspace.portals_backend
+    if choice != "auto":
+        return choice
+    tables = nft_tables()
+    if not tables:
+        return "iptables"
+    if any(name == nftrules.TABLE for _, name in tables):
+        return "nftables"
+    if any(rule_count(host) for host in host_iptables(Family.IPv4).values()):
+        return "iptables"
+    return "nftables"

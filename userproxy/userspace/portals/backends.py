@@ -11,6 +11,8 @@ against each other, so the proxy must write where kubelet and the CNI write.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import structlog
 
 from userproxy.iptables.chains import ChainSync
@@ -19,8 +21,16 @@ from userproxy.iptables.detect import BackendChoice, choose_variant
 from userproxy.iptables.exec import ExecIptables
 from userproxy.iptables.interface import Iptables
 from userproxy.iptables.iptc import IptcIptables
+from userproxy.iptables.rule import Ruleset
 from userproxy.model import Family
-from userproxy.userspace.portals.rules import CHAINS, JUMPS, OWNED_CHAINS
+from userproxy.userspace.portals.rules import (
+    CHAINS,
+    JUMPS,
+    OWNED_CHAINS,
+    PortalConfig,
+    PortalPort,
+    RuleBuilder,
+)
 
 log = structlog.get_logger("userproxy.iptables")
 
@@ -42,6 +52,32 @@ def portal_iptables(choice: BackendChoice, family: Family = Family.IPv4) -> Ipta
 def portal_sync(iptables: Iptables) -> ChainSync:
     """Keeps the portal chains and their jumps equal to each sync's ruleset."""
     return ChainSync(iptables, JUMPS)
+
+
+class IptablesPortals:
+    """The portals as KUBE-PORTALS-* / KUBE-NODEPORT-* chains (`PortalRules`)."""
+
+    def __init__(self, iptables: Iptables, config: PortalConfig) -> None:
+        self.iptables = iptables
+        self.chains = portal_sync(iptables)
+        self._builder = RuleBuilder(config)
+
+    @property
+    def name(self) -> str:
+        return self.iptables.name
+
+    @property
+    def gaps_healed(self) -> int:
+        return self.chains.jumps_restored
+
+    def build(self, ports: Iterable[PortalPort]) -> Ruleset:
+        return self._builder.build(ports)
+
+    def apply(self, desired: Ruleset, *, full: bool) -> None:
+        self.chains.apply(desired, full=full)
+
+    def remove(self) -> int:
+        return cleanup(self.iptables)
 
 
 def cleanup(iptables: Iptables) -> int:

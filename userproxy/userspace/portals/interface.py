@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from userproxy.model import ServicePort, ServicePortName
+from userproxy.userspace.portals.rules import PortalPort
 
 
 @dataclass(frozen=True)
@@ -41,4 +42,32 @@ class Portals(Protocol):
 
     async def close(self, *, keep_rules: bool = False) -> None:
         """Release the claims and remove the rules (unless a successor serves them)."""
+        ...
+
+
+class PortalRules(Protocol):
+    """Where the portal rules are written (iptables chains, or an nftables table): the desired
+    state is built on the event loop, applied and removed on the rule-writer thread."""
+
+    @property
+    def name(self) -> str:
+        """What writes the rules, for messages."""
+        ...
+
+    @property
+    def gaps_healed(self) -> int:
+        """Full writes that found the rules missing (a first start, or someone else's
+        flush): connections made in between bypassed the portals."""
+        ...
+
+    def build(self, ports: Iterable[PortalPort]) -> Any:
+        """The desired rules for these served ports (cheap for ports that did not change)."""
+        ...
+
+    def apply(self, desired: Any, *, full: bool) -> None:
+        """Make the kernel hold `desired`: full rewrites everything, else only what changed."""
+        ...
+
+    def remove(self) -> int:
+        """Remove every portal rule of this backend; how many went."""
         ...

@@ -1,10 +1,10 @@
 """The portal manager: keeps the kernel's rules and the NodePort claims in line with the
 served service ports. It is the userspace proxier's `Portals`.
 
-Side effects go through small interfaces (`Iptables` inside a `ChainSync`, `NodePortClaimer`,
-`Conntrack`), each with a fake in `userproxy.testing.fakes`. A NodePort already taken, or
-wanted by two services, is an error for that service only: its NodePort rules are left out,
-everything else is served.
+Side effects go through small interfaces (`PortalRules`: iptables chains or an nftables
+table; `NodePortClaimer`, `Conntrack`), each with a fake in `userproxy.testing`. A NodePort
+already taken, or wanted by two services, is an error for that service only: its NodePort
+rules are left out, everything else is served.
 """
 
 from __future__ import annotations
@@ -20,15 +20,14 @@ import structlog
 
 from userproxy import tasks
 from userproxy.handover.protocol import claim_key
-from userproxy.iptables.chains import ChainSync
 from userproxy.iptables.interface import RulesError
 from userproxy.iptables.writer import RuleWriter
 from userproxy.model import Family, Protocol, ServicePort, ServicePortName
-from userproxy.userspace.portals import backends
+from userproxy.nftables.interface import NftError
 from userproxy.userspace.portals.claims import NodePortClaimer, SocketClaimer
 from userproxy.userspace.portals.conntrack import Conntrack, ExecConntrack
-from userproxy.userspace.portals.interface import ActivePort
-from userproxy.userspace.portals.rules import PortalConfig, PortalPort, RuleBuilder
+from userproxy.userspace.portals.interface import ActivePort, PortalRules
+from userproxy.userspace.portals.rules import PortalConfig, PortalPort
 
 log = structlog.get_logger("userproxy.userspace.portals")
 
@@ -74,19 +73,18 @@ class PortalManager:
     def __init__(
         self,
         *,
-        chains: ChainSync,
+        rules: PortalRules,
         config: PortalConfig,
         full_sync_period: float = 30.0,
         claimer: NodePortClaimer | None = None,
         conntrack: Conntrack | None = None,
     ) -> None:
-        self.chains = chains
+        self.rules = rules
         self.config = config
         #: `--iptables-sync-period`: how often the chains are rewritten whole.
         self.writer = RuleWriter(full_sync_period=full_sync_period)
         self.claimer = claimer or SocketClaimer()
         self.conntrack = conntrack or ExecConntrack()
-        self._builder = RuleBuilder(config)
         self.claims: dict[ClaimKey, _Claim] = {}
         self._node_port_errors: dict[ServicePortName, str] = {}
         #: UDP ports removed since the last rule write, and the flush in flight.
@@ -104,7 +102,7 @@ class PortalManager:
     # ------------------------------------------------------------------ Portals protocol
     async def sync(self, active: Sequence[ActivePort]) -> None:
         claimed = self._update_claims(active)
-        ruleset = self._builder.build(
+        desired = self.rules.build(
             PortalPort(
                 a.port,
                 a.proxy_port,
@@ -115,11 +113,11 @@ class PortalManager:
             )
             for a in active
         )
-        await self.writer.write(lambda full: self.chains.apply(ruleset, full=full))
-        if self._gaps_healed != self.chains.jumps_restored:
+        await self.writer.write(lambda full: self.rules.apply(desired, full=full))
+        if self._gaps_healed != self.rules.gaps_healed:
             # The rules were absent until this write (first start, or a flush was healed):
             # connection attempts in between left entries that bypass them.
-            self._gaps_healed = self.chains.jumps_restored
+            self._gaps_healed = self.rules.gaps_healed
             self._unredirected = [a.port for a in active]
         self._flush_stale()
 
@@ -208,7 +206,7 @@ class PortalManager:
         self._reserve = []
         if not keep_rules:
             try:
-                await self.writer.run(backends.cleanup, self.chains.iptables)
-            except RulesError as err:
+                await self.writer.run(self.rules.remove)
+            except (RulesError, NftError) as err:
                 log.error("Could not remove the portal rules.", reason=str(err))
         self.writer.close()

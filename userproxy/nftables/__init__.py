@@ -1,0 +1,1 @@
+"""nftables: transactions of objects (pure), the `nft` binary behind a small interface."""

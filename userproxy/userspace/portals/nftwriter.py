@@ -1,0 +1,81 @@
+"""`NftPortals`: keeps the `userproxy-portals` table equal to each sync's desired elements.
+
+Full writes recreate the table's chains and sets and add every element, in one transaction
+(the reconcile: whatever someone else deleted comes back); partial writes add and delete only
+the elements that changed. A full write that finds the table missing counts as a healed gap
+(the manager then clears conntrack entries made while the portals were absent).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from userproxy.nftables.interface import Nftables, NftError
+from userproxy.nftables.transaction import Transaction
+from userproxy.userspace.portals.nftrules import (
+    PORT_CONTAINERS,
+    Desired,
+    ElementBuilder,
+    Layout,
+    setup,
+)
+from userproxy.userspace.portals.rules import PortalPort
+
+
+class NftPortals:
+    def __init__(self, nft: Nftables, builder: ElementBuilder) -> None:
+        self.nft = nft
+        self.builder = builder
+        self._written: Desired | None = None
+        self._recreated = False
+        #: Full writes that found the table missing (a first start, or a deletion healed).
+        self.gaps_healed = 0
+
+    @property
+    def name(self) -> str:
+        return self.nft.name
+
+    @property
+    def layout(self) -> Layout:
+        return self.builder.layout
+
+    def build(self, ports: Iterable[PortalPort]) -> Desired:
+        return self.builder.build(ports)
+
+    def apply(self, desired: Desired, *, full: bool) -> None:
+        written, self._written = self._written, None  # unknown until this lands
+        tx = Transaction(self.nft.family, self.nft.table)
+        if full or written is None:
+            try:
+                missing = not self.nft.exists()
+            except NftError:
+                missing = True
+            if missing:
+                self.gaps_healed += 1
+            setup(tx, self.layout, recreate_base=not self._recreated)
+            for name in PORT_CONTAINERS:
+                for element in desired[name].values():
+                    tx.add(element)
+        else:
+            _changes(tx, written, desired)
+        self.nft.run(tx)
+        self._recreated = True
+        self._written = desired
+
+    def remove(self) -> int:
+        self._written = None
+        return 1 if self.nft.delete_table() else 0
+
+
+def _changes(tx: Transaction, before: Desired, after: Desired) -> None:
+    adds = []
+    for name in PORT_CONTAINERS:
+        old, new = before[name], after[name]
+        if old is new or old == new:
+            continue
+        for key, element in old.items():
+            if new.get(key) != element:
+                tx.delete(element)
+        adds += [e for key, e in new.items() if old.get(key) != e]
+    for element in adds:
+        tx.add(element)
