@@ -184,13 +184,22 @@ class NftablesProvider:
     # ------------------------------------------------------------------ writing (rule thread)
     def _write(self, full: bool, updates: Updates) -> None:
         self._delete_stale_chains()
-        if full or self._written is None:
-            tx, written = self._full_transaction()
-        else:
-            tx, written = self._partial_transaction(updates, self._written)
-        self._written = None  # unknown until the transaction lands
+        written, self._written = self._written, None  # unknown until a transaction lands
+        if not full and written is not None:
+            tx, after = self._partial_transaction(updates, written)
+            try:
+                self.nft.run(tx)
+                self._written = after
+                return
+            except NftError as err:
+                # Someone changed the table under us (a chain or element we rely on is gone):
+                # rewrite it whole now rather than after a retry interval.
+                self.sync_failures += 1
+                log.info("Rewriting the nftables table after a partial update failed.",
+                         reason=str(err))  # fmt: skip
+        tx, after = self._full_transaction()
         self.nft.run(tx)
-        self._written = written
+        self._written = after
 
     def _delete_stale_chains(self) -> None:
         due = self.clock() - STALE_CHAIN_DELAY

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import structlog
+
 from userproxy.nftables.interface import Nftables, NftError
 from userproxy.nftables.transaction import Transaction
 from userproxy.userspace.portals.nftrules import (
@@ -20,6 +22,8 @@ from userproxy.userspace.portals.nftrules import (
     setup,
 )
 from userproxy.userspace.portals.rules import PortalPort
+
+log = structlog.get_logger("userproxy.userspace.portals")
 
 
 class NftPortals:
@@ -44,23 +48,34 @@ class NftPortals:
 
     def apply(self, desired: Desired, *, full: bool) -> None:
         written, self._written = self._written, None  # unknown until this lands
-        tx = Transaction(self.nft.family, self.nft.table)
         if full or written is None:
-            try:
-                missing = not self.nft.exists()
-            except NftError:
-                missing = True
-            if missing:
-                self.gaps_healed += 1
-            setup(tx, self.layout, recreate_base=not self._recreated)
-            for name in PORT_CONTAINERS:
-                for element in desired[name].values():
-                    tx.add(element)
+            self._full(desired)
         else:
+            tx = Transaction(self.nft.family, self.nft.table)
             _changes(tx, written, desired)
+            try:
+                self.nft.run(tx)
+            except NftError as err:
+                # Someone changed the table (an element we delete is gone): rewrite it whole.
+                log.info("Rewriting the portal table after a partial update failed.",
+                         reason=str(err))  # fmt: skip
+                self._full(desired)
+        self._written = desired
+
+    def _full(self, desired: Desired) -> None:
+        tx = Transaction(self.nft.family, self.nft.table)
+        try:
+            missing = not self.nft.exists()
+        except NftError:
+            missing = True
+        setup(tx, self.layout, recreate_base=not self._recreated)
+        for name in PORT_CONTAINERS:
+            for element in desired[name].values():
+                tx.add(element)
         self.nft.run(tx)
         self._recreated = True
-        self._written = desired
+        if missing:
+            self.gaps_healed += 1
 
     def remove(self) -> int:
         self._written = None
