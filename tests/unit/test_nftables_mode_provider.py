@@ -65,7 +65,7 @@ async def test_a_change_rewrites_only_that_service() -> None:
     assert not any(f"/s{i}/" in partial for i in range(50) if i != 7)
     chain = rig.nft.rules(rules.service_chain(ServicePort(
         ServicePortName("default", "s7", "http"), "10.96.1.7", 80)))  # fmt: skip
-    assert chain[0].startswith("numgen random mod 2 vmap")
+    assert chain[0].startswith("numgen random mod 2 == 0 goto endpoint-")
 
 
 async def test_removed_endpoints_chains_are_deleted_a_second_later() -> None:

@@ -43,13 +43,29 @@ def test_cluster_ip_spreads_over_endpoint_chains() -> None:
     svc, ep1, ep2 = (rules.service_chain(port), rules.endpoint_chain(port, EP1),
                      rules.endpoint_chain(port, EP2))  # fmt: skip
     assert text(Backed(port, (EP1, EP2))) == [
-        f"rule {svc} numgen random mod 2 vmap {{ 0 : goto {ep1}, 1 : goto {ep2} }}",
+        f"rule {svc} numgen random mod 2 == 0 goto {ep1}",
+        f"rule {svc} goto {ep2}",
         f"rule {ep1} ip saddr 10.180.0.1 jump mark-for-masquerade",
         f"rule {ep1} meta l4proto tcp dnat to 10.180.0.1:80",
         f"rule {ep2} ip saddr 10.180.0.2 jump mark-for-masquerade",
         f"rule {ep2} meta l4proto tcp dnat to 10.180.0.2:80",
         "element cluster-ips { 172.30.0.41 }",
         f"element service-ips {{ 172.30.0.41 . tcp . 80 : goto {svc} }}",
+    ]
+
+
+def test_many_endpoints_are_picked_through_one_verdict_map() -> None:
+    port = ServicePort(WEB, "172.30.0.41", 80)
+    many = tuple(Endpoint(f"10.180.1.{i}", 80) for i in range(1, rules.CASCADE_MAX + 2))
+    first = text(Backed(port, many))[0]
+    assert first.startswith(f"rule {rules.service_chain(port)} numgen random mod 9 vmap {{ 0 : ")
+    assert first.count("goto endpoint-") == 9
+    svc = rules.service_chain(port)
+    a, b, c = (rules.endpoint_chain(port, ep) for ep in many[:3])
+    assert text(Backed(port, many[:3]))[:3] == [  # 1/3, then 1/2 of the rest, then the last
+        f"rule {svc} numgen random mod 3 == 0 goto {a}",
+        f"rule {svc} numgen random mod 2 == 0 goto {b}",
+        f"rule {svc} goto {c}",
     ]
 
 
@@ -108,7 +124,7 @@ def test_external_traffic_policy_local() -> None:
         f'rule {ext} fib saddr type local goto {svc} comment "short-circuit local traffic"',
         f"rule {ext} goto {local}",
     ]
-    assert any(ln.startswith(f"rule {local} numgen random mod 1") for ln in lines)
+    assert f"rule {local} goto {rules.endpoint_chain(port, EP2)}" in lines
     # No endpoint here: external traffic is dropped, the node's own still short-circuited.
     lines = text(Backed(port, (EP1,), local=()))
     assert "element no-endpoint-nodeports { tcp . 3001 : drop }" in lines

@@ -51,7 +51,9 @@ class ExecNftables:
             raise NftError(f"nft refused the transaction: {explain(result.stderr)}")
 
     def _list(self, what: str) -> list[dict[str, Any]]:
-        result = self._nft("--json", "list", what, self.family.value)
+        # Terse: no set elements. Listing sets or tables without it reads every element of
+        # every set (0.3 s for a 30,000-element table); listing chains or terse sets, 3 ms.
+        result = self._nft("--terse", "--json", "list", what, self.family.value)
         if result.returncode != 0:
             raise NftError(f"nft cannot list {what}: {explain(result.stderr)}")
         try:
@@ -70,8 +72,9 @@ class ExecNftables:
         return out
 
     def exists(self) -> bool:
-        tables = (item.get("table") for item in self._list("tables"))
-        return any(isinstance(t, dict) and t.get("name") == self.table for t in tables)
+        """Whether the table is there, read from the chains (our tables always have their
+        base chains; `list tables` would read every set element first)."""
+        return bool(self.chains())
 
     def chains(self) -> list[str]:
         return self._names("chains", ("chain",))

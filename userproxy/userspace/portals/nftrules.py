@@ -188,29 +188,76 @@ def setup(tx: Transaction, layout: Layout, *, recreate_base: bool) -> None:
         tx.add(element)
 
 
+ElementKey = tuple[str, str]  # (set or map, key text)
+
+
 class ElementBuilder:
-    """The elements of every served port, reusing those of ports that did not change."""
+    """The table's elements, kept up to date port by port: a sync looks at each served port
+    once (a dict lookup) and computes elements only for ports that changed; what changed
+    since the last write is kept in `delta` for a partial write.
+
+    Two ports may claim one element (two Services with one externalIP and port): the first
+    claimant's element is in force, and the next takes over when it goes."""
 
     def __init__(self, config: PortalConfig) -> None:
         self.layout = Layout(config)
-        self._cache: dict[PortalPort, tuple[Element, ...]] = {}
+        #: Every element in force, by container and key: what a full write writes.
+        self.desired: Desired = {name: {} for name in PORT_CONTAINERS}
+        #: Per changed key since the last write: the element written before (None: none).
+        self.delta: dict[ElementKey, Element | None] = {}
+        self._ports: dict[PortalPort, tuple[Element, ...]] = {}
+        self._claims: dict[ElementKey, list[tuple[PortalPort, Element]]] = {}
 
     def build(self, ports: Iterable[PortalPort]) -> Desired:
-        desired: Desired = {name: {} for name in PORT_CONTAINERS}
-        fresh: dict[PortalPort, tuple[Element, ...]] = {}
+        family = self.layout.config.family
+        previous, fresh = self._ports, {}
+        added: list[tuple[PortalPort, tuple[Element, ...]]] = []
         for entry in ports:
-            if entry.port.family is not self.layout.config.family:
+            if entry.port.family is not family:
                 continue
-            elements = self._cache.get(entry)
+            elements = previous.pop(entry, None)
             if elements is None:
                 elements = tuple(port_elements(entry, self.layout))
+                added.append((entry, elements))
             fresh[entry] = elements
+        for gone, elements in previous.items():
             for element in elements:
-                # First come, first served: a clash (two Services claiming one externalIP
-                # and port) keeps the first, as the first iptables rule would win.
-                desired[element.container].setdefault(element.key_text, element)
-        self._cache = fresh
-        return desired
+                self._unclaim(gone, element)
+        for entry, elements in added:
+            for element in elements:
+                self._claim(entry, element)
+        self._ports = fresh
+        return self.desired
+
+    def written(self) -> None:
+        """The kernel holds `desired` now."""
+        self.delta.clear()
+
+    def _claim(self, entry: PortalPort, element: Element) -> None:
+        key = (element.container, element.key_text)
+        claimants = self._claims.setdefault(key, [])
+        claimants.append((entry, element))
+        if len(claimants) == 1:
+            self._put(key, element)
+
+    def _unclaim(self, entry: PortalPort, element: Element) -> None:
+        key = (element.container, element.key_text)
+        claimants = self._claims[key]
+        index = claimants.index((entry, element))
+        del claimants[index]
+        if index == 0:
+            self._put(key, claimants[0][1] if claimants else None)
+        if not claimants:
+            del self._claims[key]
+
+    def _put(self, key: ElementKey, element: Element | None) -> None:
+        container = self.desired[key[0]]
+        before = container.get(key[1])
+        if element is None:
+            container.pop(key[1], None)
+        else:
+            container[key[1]] = element
+        self.delta.setdefault(key, before)
 
 
 def port_elements(entry: PortalPort, layout: Layout) -> list[Element]:

@@ -13,11 +13,12 @@ from collections.abc import Iterable
 import structlog
 
 from userproxy.nftables.interface import Nftables, NftError
-from userproxy.nftables.transaction import Transaction
+from userproxy.nftables.transaction import Element, Transaction
 from userproxy.userspace.portals.nftrules import (
     PORT_CONTAINERS,
     Desired,
     ElementBuilder,
+    ElementKey,
     Layout,
     setup,
 )
@@ -30,7 +31,8 @@ class NftPortals:
     def __init__(self, nft: Nftables, builder: ElementBuilder) -> None:
         self.nft = nft
         self.builder = builder
-        self._written: Desired | None = None
+        #: Whether the kernel holds what the builder had at the last write.
+        self._written = False
         self._recreated = False
         #: Full writes that found the table missing (a first start, or a deletion healed).
         self.gaps_healed = 0
@@ -47,12 +49,12 @@ class NftPortals:
         return self.builder.build(ports)
 
     def apply(self, desired: Desired, *, full: bool) -> None:
-        written, self._written = self._written, None  # unknown until this lands
-        if full or written is None:
+        written, self._written = self._written, False  # unknown until this lands
+        if full or not written:
             self._full(desired)
         else:
             tx = Transaction(self.nft.family, self.nft.table)
-            _changes(tx, written, desired)
+            _changes(tx, self.builder.delta, desired)
             try:
                 self.nft.run(tx)
             except NftError as err:
@@ -60,7 +62,8 @@ class NftPortals:
                 log.info("Rewriting the portal table after a partial update failed.",
                          reason=str(err))  # fmt: skip
                 self._full(desired)
-        self._written = desired
+        self.builder.written()
+        self._written = True
 
     def _full(self, desired: Desired) -> None:
         tx = Transaction(self.nft.family, self.nft.table)
@@ -78,19 +81,20 @@ class NftPortals:
             self.gaps_healed += 1
 
     def remove(self) -> int:
-        self._written = None
+        self._written = False
         return 1 if self.nft.delete_table() else 0
 
 
-def _changes(tx: Transaction, before: Desired, after: Desired) -> None:
+def _changes(tx: Transaction, delta: dict[ElementKey, Element | None], now: Desired) -> None:
+    """Deletes, then adds, of the elements whose key changed since the last write."""
     adds = []
-    for name in PORT_CONTAINERS:
-        old, new = before[name], after[name]
-        if old is new or old == new:
+    for (container, key), before in delta.items():
+        after = now[container].get(key)
+        if after == before:
             continue
-        for key, element in old.items():
-            if new.get(key) != element:
-                tx.delete(element)
-        adds += [e for key, e in new.items() if old.get(key) != e]
+        if before is not None:
+            tx.delete(before)
+        if after is not None:
+            adds.append(after)
     for element in adds:
         tx.add(element)
