@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -272,6 +273,7 @@ def run(ctx: click.Context, /, **options: Any) -> None:
     if options["cleanup"]:
         sys.exit(do_cleanup())
     raise_open_files_limit()
+    tune_garbage_collector()
     try:
         options = merge_config_file(ctx, options)
         settings = settings_module.from_options(options)
@@ -299,6 +301,22 @@ def run(ctx: click.Context, /, **options: Any) -> None:
             "(or run in a pod, with the in-cluster service account)"
         )
     sys.exit(run_async(serve(settings)))
+
+
+#: Allocations between the cycle collector's young-generation passes (CPython's default: 700).
+GC_YOUNG_THRESHOLD = 50_000
+
+
+def tune_garbage_collector() -> None:
+    """Collect cycles less often. A sync of 10,000 service ports allocates hundreds of
+    thousands of small objects among as many live ones; with the default thresholds the
+    collector rescans the live ones over and over, which cost 40% of a 10,000-port first
+    sync (0.75 s against 0.48 s for the nftables mode's plans). The relays free their
+    objects without cycles, so little waits for the collector; what does waits for 50,000
+    allocations instead of 700. Only the `run` process does this: embedding leaves the host's
+    collector as it is."""
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 def raise_open_files_limit() -> None:

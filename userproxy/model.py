@@ -194,6 +194,10 @@ class Topology:
 
 def is_loopback(ip: str) -> bool:
     """127.0.0.0/8 or ::1: the node's private side, which no pod may be sent to."""
+    if ip.startswith("127."):
+        return True
+    if ":" not in ip:
+        return False  # an IPv4 address outside 127.0.0.0/8 (checked per endpoint per sync)
     return ipaddress.ip_address(ip).is_loopback
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from userproxy.model import Family
 
@@ -97,8 +97,9 @@ class Rule:
 Object = Table | Chain | Set | Element | Rule
 
 
-@dataclass(frozen=True, slots=True)
-class Operation:
+class Operation(NamedTuple):
+    """One command (a tuple: a 10,000-service transaction makes 70,000 of them)."""
+
     verb: Verb
     obj: Object
 

@@ -221,13 +221,15 @@ class NftablesProvider:
         return Transaction(self.config.nft_family, rules.TABLE)
 
     def _full_transaction(self) -> tuple[Transaction, Written]:
+        existing_chains, existing_sets = self._existing()
+        present = set(existing_chains)
         tx = self._tx()
         rules.setup(tx, self.config, recreate_base=not self._base_recreated)
         self._base_recreated = True
         written = Written()
         chains: dict[str, tuple[Rule, ...]] = {}
         sets: dict[str, Set] = {}
-        for name, plan in sorted(self._plans.items()):
+        for name, plan in self._plans.items():
             chains.update(plan.chains)
             sets.update((s.name, s) for s in plan.sets)
             for element in plan.elements:
@@ -237,7 +239,8 @@ class NftablesProvider:
         for chain in chains:
             tx.add(Chain(chain))
         for chain, chain_rules in chains.items():
-            tx.flush(Chain(chain))
+            if chain in present:  # a new chain is empty: flushing it only costs nft time
+                tx.flush(Chain(chain))
             for rule in chain_rules:
                 tx.add(rule)
         for key in written.claims:
@@ -245,7 +248,6 @@ class NftablesProvider:
             assert chosen is not None
             written.elements[key] = chosen
             tx.add(chosen)
-        existing_chains, existing_sets = self._existing()
         now = self.clock()
         for chain in existing_chains:
             if rules.is_service_chain(chain) and chain not in chains:

@@ -30,7 +30,6 @@ diffs plans to write only what changed.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 from dataclasses import dataclass
 
@@ -186,9 +185,19 @@ class ServicePlan:
 def _hash_name(text: str) -> str:
     """kube-proxy's chain-name base: 8 characters of base32(sha256) then the readable name
     (the hash keeps names unique if they are ever cut, and tells similar names apart)."""
-    digest = base64.b32encode(hashlib.sha256(text.encode()).digest()).decode()[:8]
+    digest = _base32_40(hashlib.sha256(text.encode()).digest()[:5])
     name = f"{digest}-{text}"
     return name if len(name) <= NAME_BASE_MAX else name[: NAME_BASE_MAX - 3] + "..."
+
+
+_B32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+
+
+def _base32_40(five: bytes) -> str:
+    """The base32 encoding of 5 bytes (40 bits, 8 characters: the first 8 of the whole
+    digest's encoding); the standard library's encoder is pure Python, 8 us a call."""
+    bits = int.from_bytes(five, "big")
+    return "".join(_B32[(bits >> shift) & 31] for shift in range(35, -5, -5))
 
 
 def port_base(port: ServicePort) -> str:
@@ -319,14 +328,23 @@ class _Planner:
         self.sets: list[Set] = []
         self.elements: list[Element] = []
         self.proto = self.port.protocol.value.lower()
+        #: Each endpoint's name base, hashed once.
+        self._bases: dict[Endpoint, str] = {}
+
+    def _base(self, endpoint: Endpoint) -> str:
+        base = self._bases.get(endpoint)
+        if base is None:
+            base = self._bases[endpoint] = endpoint_base(self.port, endpoint)
+        return base
 
     def build(self) -> ServicePlan:
         port, entry, config = self.port, self.entry, self.config
         family = config.family
         cluster, local = entry.cluster, entry.local
         has_endpoints = bool(cluster) or bool(local)
-        cluster_chain, local_chain_name = service_chain(port), local_chain(port)
-        ext = external_chain(port)
+        base = port_base(port)
+        cluster_chain, local_chain_name = "service-" + base, "local-" + base
+        ext, firewall = "external-" + base, "firewall-" + base
         uses_local = bool(local) and (port.internal_local or port.external_local_in_force)
         internal_chain = local_chain_name if port.internal_local else cluster_chain
         has_internal = bool(local) if port.internal_local else bool(cluster)
@@ -352,7 +370,7 @@ class _Planner:
             if not has_external:
                 self._map_element(NO_ENDPOINT_SERVICES, key, no_external)
             if uses_firewall and ip in lb_ips:
-                self._map_element(FIREWALL_IPS, key, f"goto {firewall_chain(port)}")
+                self._map_element(FIREWALL_IPS, key, f"goto {firewall}")
         if port.node_port:
             nodeport_key = (self.proto, str(port.node_port))
             if uses_external:
@@ -373,9 +391,7 @@ class _Planner:
                            external_policy if has_external else None)  # fmt: skip
         if uses_firewall:
             sources = ", ".join(port.source_ranges)
-            self.chains[firewall_chain(port)] = [
-                Rule(firewall_chain(port), f"{config.ip} saddr != {{ {sources} }} drop")
-            ]
+            self.chains[firewall] = [Rule(firewall, f"{config.ip} saddr != {{ {sources} }} drop")]
         reachable = sorted(set(cluster) | (set(local) if uses_local else set()))
         for endpoint in reachable:
             self._endpoint(endpoint)
@@ -405,9 +421,10 @@ class _Planner:
         rules: list[Rule] = []
         if self.port.affinity.client_ip:
             for ep in endpoints:
-                rules.append(Rule(chain, f"{self.config.ip} saddr @{affinity_set(self.port, ep)} "
-                                         f"goto {endpoint_chain(self.port, ep)}"))  # fmt: skip
-        targets = [endpoint_chain(self.port, ep) for ep in endpoints]
+                base = self._base(ep)
+                rules.append(Rule(chain, f"{self.config.ip} saddr @{AFFINITY_PREFIX}{base} "
+                                         f"goto endpoint-{base}"))  # fmt: skip
+        targets = ["endpoint-" + self._base(ep) for ep in endpoints]
         n = len(targets)
         if n <= CASCADE_MAX:
             # Endpoint i is taken with probability 1/(n-i) if none before it was: uniform.
@@ -440,10 +457,11 @@ class _Planner:
 
     def _endpoint(self, endpoint: Endpoint) -> None:
         port, ip = self.port, self.config.ip
-        chain = endpoint_chain(port, endpoint)
+        base = self._base(endpoint)
+        chain = "endpoint-" + base
         rules = [Rule(chain, f"{ip} saddr {endpoint.ip} jump {MARK_MASQ}")]
         if port.affinity.client_ip:
-            name = affinity_set(port, endpoint)
+            name = AFFINITY_PREFIX + base
             timeout = port.affinity.timeout_s
             flags = ("dynamic", "timeout")
             self.sets.append(Set(name, self.config.addr_type, flags=flags, timeout_s=timeout))
