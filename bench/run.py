@@ -10,12 +10,14 @@ Topology (bench/netns.py): client -> proxy node -> two backend namespaces, all s
   userproxy       `userproxy run --kubeconfig` (the fake API server), portals on, one process
   userproxy --workers 2     the same with two data-plane processes (after the rounds)
   userproxy iptables mode   the same with `--proxy-mode iptables` (after the rounds)
+  userproxy nftables mode   the same with `--proxy-mode nftables` (after the rounds)
 Workloads: iperf3 TCP bulk 1 and 8 streams; wrk new connections (Connection: close) and
 keep-alive requests with p50/p99 (nginx backends); 64-byte echo round trips; iperf3 UDP
 64-byte datagrams at a fixed offered rate (pps received, loss); proxy RSS per idle connection
 (3,000 held open). Each round runs every workload for every peer, peers in rotating order;
 medians over the rounds. Control plane (userproxy): time and RSS to serve 1,000 and 10,000
-service ports (listeners and rules), and the delay from an endpoint change in the API to new
+service ports (listeners and rules), with iptables-nft portals and with nftables portals
+(`nft_` keys), and the delay from an endpoint change in the API to new
 connections using it; a hand-over and a crash restart under steady new-connection load
 (connections failed, long-lived connections lost, time to serve again).
 """
@@ -51,9 +53,14 @@ PEERS = ["none", "kernel DNAT", "haproxy", "haproxy-tuned", "userproxy"]
 UDP_PEERS = ["none", "kernel DNAT", "userproxy"]
 #: Measured after the interleaved rounds: the two userproxy modes cannot run side by side.
 IPTABLES_MODE = "userproxy iptables mode"
+NFTABLES_MODE = "userproxy nftables mode"
 TWO_WORKERS = "userproxy --workers 2"
 #: Peers measured one after the other once the rounds are done, with their extra flags.
-AFTER_ROUNDS = {TWO_WORKERS: ["--workers", "2"], IPTABLES_MODE: ["--proxy-mode", "iptables"]}
+AFTER_ROUNDS = {
+    TWO_WORKERS: ["--workers", "2"],
+    IPTABLES_MODE: ["--proxy-mode", "iptables"],
+    NFTABLES_MODE: ["--proxy-mode", "nftables"],
+}
 ALL_PEERS = [*PEERS, *AFTER_ROUNDS]
 WEB, ECHO, IPERF = 80, 7, 5201
 UDP_RATE_PPS = 100_000
@@ -70,6 +77,8 @@ TARGETS: dict[str, dict[str, tuple[str, int]]] = {
     "userproxy": {"web": ("10.96.0.10", WEB), "echo": ("10.96.0.11", ECHO),
                   "iperf": ("10.96.0.12", IPERF)},
     IPTABLES_MODE: {"web": ("10.96.0.10", WEB), "echo": ("10.96.0.11", ECHO),
+                    "iperf": ("10.96.0.12", IPERF)},
+    NFTABLES_MODE: {"web": ("10.96.0.10", WEB), "echo": ("10.96.0.11", ECHO),
                     "iperf": ("10.96.0.12", IPERF)},
     TWO_WORKERS: {"web": ("10.96.0.10", WEB), "echo": ("10.96.0.11", ECHO),
                   "iperf": ("10.96.0.12", IPERF)},
@@ -273,8 +282,8 @@ def iperf(b: Bench, *args: str) -> dict[str, Any]:
 
 def cpu_seconds(b: Bench, peer: str) -> float | None:
     """User+system CPU of the peer's processes and their children (workers), or None for
-    the peers whose traffic no process carries (no proxy, kernel DNAT, iptables mode)."""
-    if peer not in b.pids or peer == IPTABLES_MODE:
+    the peers whose traffic no process carries (no proxy, kernel DNAT, the kernel modes)."""
+    if peer not in b.pids or peer in (IPTABLES_MODE, NFTABLES_MODE):
         return None
     ticks = 0
     todo = list(b.pids[peer])
@@ -404,44 +413,61 @@ WORKLOADS: dict[str, Callable[[Bench, str], dict[str, float]]] = {
 
 
 # ----------------------------------------------------------------------------- control plane
+#: Control-plane runs: key prefix -> the portals backend.
+PORTAL_BACKENDS = {"": "iptables", "nft_": "nftables"}
+
+
 async def control_plane(work: Path, sizes: list[int]) -> dict[str, float]:
     out: dict[str, float] = {}
     for size in sizes:
-        topo = Topology(f"upb{os.getpid() % 100000}c{size}")
-        name = topo.ns["node"]
-        await asyncio.to_thread(subprocess.run, ["ip", "netns", "add", name], check=True)
-        topo.run("node", "ip", "link", "set", "lo", "up")
-        fake = FakeKube(history=4 * size)
+        for prefix, backend in PORTAL_BACKENDS.items():
+            out.update(await control_plane_run(work, size, prefix, backend))
+    return out
+
+
+async def control_plane_run(work: Path, size: int, prefix: str, backend: str) -> dict[str, float]:
+    """A cold start on `size` service ports from a fake API server, portals on `backend`."""
+    out: dict[str, float] = {}
+    topo = Topology(f"upb{os.getpid() % 100000}c{size}{prefix}")
+    name = topo.ns["node"]
+    await asyncio.to_thread(subprocess.run, ["ip", "netns", "add", name], check=True)
+    topo.run("node", "ip", "link", "set", "lo", "up")
+    fake = FakeKube(history=4 * size)
+    try:
+        sock = topo.call("node", lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+        sock.bind(("127.0.0.1", 0))
+        await fake.start(sock=sock)
+        for i in range(size):
+            ip = f"10.{100 + i // 65000}.{i // 250 % 256}.{i % 250 + 1}"
+            fake.apply(service(f"s{i}", cluster_ip=ip, ports=[("http", 80)]))
+            fake.apply(endpoint_slice(f"s{i}", addresses=["10.0.2.2"], ports=[("http", 80)]))
+        profile = os.environ.get("USERPROXY_PROFILE")  # cProfile output, as for the peers
+        wrap = ["-m", "cProfile", "-o", f"{profile}.{prefix}{size}"] if profile else []
+        proc = topo.spawn(
+            "node", sys.executable, *wrap, "-m", "userproxy", "run",
+            "--kubeconfig", str(fake.kubeconfig(work / f"kc{size}")),
+            "--iptables-backend", "nft", "--portals-backend", backend, "--log-format", "json",
+            "--healthz-bind-address", "", "--metrics-bind-address", "",
+            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
         try:
-            sock = topo.call("node", lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            sock.bind(("127.0.0.1", 0))
-            await fake.start(sock=sock)
-            for i in range(size):
-                ip = f"10.{100 + i // 65000}.{i // 250 % 256}.{i % 250 + 1}"
-                fake.apply(service(f"s{i}", cluster_ip=ip, ports=[("http", 80)]))
-                fake.apply(endpoint_slice(f"s{i}", addresses=["10.0.2.2"], ports=[("http", 80)]))
-            proc = topo.spawn(
-                "node", sys.executable, "-m", "userproxy", "run",
-                "--kubeconfig", str(fake.kubeconfig(work / f"kc{size}")),
-                "--iptables-backend", "nft", "--log-format", "json",
-                "--healthz-bind-address", "", "--metrics-bind-address", "",
-                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-            )  # fmt: skip
-            try:
-                took, running = await asyncio.to_thread(wait_running, proc, 300)
-                out[f"ports{size}_s"] = running["first_sync_seconds"]
-                out[f"ports{size}_cold_s"] = took
-                out[f"ports{size}_rss_mib"] = rss_kib(proc.pid) / 1024
-                rules = topo.run("node", "iptables-nft-save", "-t", "nat").count(
-                    "\n-A KUBE-PORTALS-"
-                )
-                assert rules >= 2 * size, f"only {rules} portal rules for {size} ports"
-            finally:
-                proc.terminate()
-                proc.wait(30)
+            took, running = await asyncio.to_thread(wait_running, proc, 300)
+            out[f"{prefix}ports{size}_s"] = running["first_sync_seconds"]
+            out[f"{prefix}ports{size}_cold_s"] = took
+            out[f"{prefix}ports{size}_rss_mib"] = rss_kib(proc.pid) / 1024
+            if backend == "nftables":
+                table = ("ip", "userproxy-portals", "portals")
+                portals = topo.run("node", "nft", "list", "map", *table).count(" : ")
+            else:
+                nat = topo.run("node", "iptables-nft-save", "-t", "nat")
+                portals = nat.count("\n-A KUBE-PORTALS-") // 2
+            assert portals >= size, f"only {portals} portals for {size} ports ({backend})"
         finally:
-            await fake.stop()
-            await asyncio.to_thread(subprocess.run, ["ip", "netns", "del", name], check=False)
+            proc.terminate()
+            proc.wait(30)
+    finally:
+        await fake.stop()
+        await asyncio.to_thread(subprocess.run, ["ip", "netns", "del", name], check=False)
     return out
 
 
@@ -581,7 +607,7 @@ METRICS = [  # key, header, format, higher is better
 def report(medians: dict[str, dict[str, float]], control: dict[str, float], rounds: int) -> str:
     lines = [f"Medians of {rounds} interleaved rounds, one run, this machine "
              f"({os.cpu_count()} cores). Every proxy runs one thread/process except "
-             f"`{TWO_WORKERS}`. The last two rows are measured after the interleaved rounds, "
+             f"`{TWO_WORKERS}`. The last three rows are measured after the interleaved rounds, "
              "in the same run (userproxy instances cannot run side by side).", ""]  # fmt: skip
     lines.append("| peer | " + " | ".join(h for _, h, _, _ in METRICS) + " |")
     lines.append("|---|" + "---:|" * len(METRICS))
@@ -626,14 +652,24 @@ def report(medians: dict[str, dict[str, float]], control: dict[str, float], roun
         row("<= 2.5 KiB per idle connection", up["idle_kib_per_conn"],
             up["idle_kib_per_conn"] <= 2.5, "{:.2f} KiB")  # fmt: skip
     for size in (1000, 10000):
-        if f"ports{size}_s" in control:
-            row(f"{size:,} service ports programmed (first sync: listeners + rules)",
-                control[f"ports{size}_s"], control[f"ports{size}_s"] <= 2 or size < 10000,
+        for prefix, what, target in (("", "iptables", 2.0), ("nft_", "nftables", 0.5)):
+            if f"{prefix}ports{size}_s" not in control:
+                continue
+            first = control[f"{prefix}ports{size}_s"]
+            row(f"{size:,} service ports programmed, {what} portals (first sync: listeners + "
+                f"rules, target {target} s at 10,000)", first,
+                first <= target if size == 10000 else None, "{:.2f} s")  # fmt: skip
+            row(f"{size:,} service ports, {what} portals, cold start (process start, LIST, "
+                "first sync)", control[f"{prefix}ports{size}_cold_s"], None,
                 "{:.2f} s")  # fmt: skip
-            row(f"{size:,} service ports, cold start (process start, LIST, first sync)",
-                control[f"ports{size}_cold_s"], None, "{:.2f} s")  # fmt: skip
-            row(f"{size:,} service ports RSS", control[f"ports{size}_rss_mib"],
-                control[f"ports{size}_rss_mib"] <= 300, "{:.0f} MiB")  # fmt: skip
+            rss = control[f"{prefix}ports{size}_rss_mib"]
+            row(f"{size:,} service ports RSS, {what} portals", rss, rss <= 300,
+                "{:.0f} MiB")  # fmt: skip
+    nft, dnat = medians.get(NFTABLES_MODE, {}), medians.get("kernel DNAT", {})
+    for key, label in (("new_conn_per_s", "new conn/s"), ("keepalive_rps", "keep-alive req/s")):
+        if have((nft, key), (dnat, key)):
+            ratio = nft[key] / dnat[key]
+            row(f"nftables mode {label} within 5% of kernel DNAT", ratio, ratio >= 0.95)
     if "handover_attempts" in control:
         row(f"hand-over under load: failed of {control['handover_attempts']:.0f} new "
             "connections (target 0)", control["handover_failures"],
@@ -737,7 +773,7 @@ async def main(args: argparse.Namespace) -> None:
     medians = {p: {k: statistics.median(v) for k, v in m.items()} for p, m in samples.items()}
     text = report(medians, control, args.rounds)
     text += (
-        "\nControl plane (userproxy, nft portals): "
+        "\nControl plane (userproxy; nft_ = nftables portals, else iptables-nft portals): "
         + ", ".join(f"{k} = {v:.2f}" for k, v in control.items())
         + f"\n\nTotal benchmark time: {time.monotonic() - started:.0f} s.\n"
     )

@@ -129,3 +129,21 @@ async def test_ipv6_table() -> None:
     assert rig.elements(n.PORTALS_HOST) == {"fd00:96::10 . tcp . 80": "fd00::5 . 40001"}
     assert any("ip6 daddr != ::1" in r for r in rig.nft.rules(n.NAT_PREROUTING))
     await rig.manager.close(keep_rules=True)
+
+
+async def test_an_element_two_ports_claim_goes_to_the_first_then_to_the_next() -> None:
+    rig = Rig()
+    a = ActivePort(ServicePort(ServicePortName("ns", "a", "http"), "10.96.0.20", 80,
+                               external_ips=("192.0.2.9",)), 40001, has_endpoints=True)  # fmt: skip
+    b = ActivePort(ServicePort(ServicePortName("ns", "b", "http"), "10.96.0.21", 80,
+                               external_ips=("192.0.2.9",)), 40002, has_endpoints=True)  # fmt: skip
+    await rig.manager.sync([a, b])
+    assert rig.elements(n.PORTALS)["192.0.2.9 . tcp . 80"] == "40001"
+    rig.now = 1.0
+    await rig.manager.sync([b])
+    assert rig.elements(n.PORTALS)["192.0.2.9 . tcp . 80"] == "40002"
+    assert "10.96.0.20 . tcp . 80" not in rig.elements(n.PORTALS)
+    rig.now = 2.0
+    await rig.manager.sync([])
+    assert rig.elements(n.PORTALS) == {}
+    await rig.manager.close(keep_rules=True)

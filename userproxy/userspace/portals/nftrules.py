@@ -197,7 +197,8 @@ class ElementBuilder:
     since the last write is kept in `delta` for a partial write.
 
     Two ports may claim one element (two Services with one externalIP and port): the first
-    claimant's element is in force, and the next takes over when it goes."""
+    claimant's element is in force, the others wait in `_waiting` and the next takes over
+    when it goes. Only clashes cost more than the element itself."""
 
     def __init__(self, config: PortalConfig) -> None:
         self.layout = Layout(config)
@@ -206,26 +207,26 @@ class ElementBuilder:
         #: Per changed key since the last write: the element written before (None: none).
         self.delta: dict[ElementKey, Element | None] = {}
         self._ports: dict[PortalPort, tuple[Element, ...]] = {}
-        self._claims: dict[ElementKey, list[tuple[PortalPort, Element]]] = {}
+        self._waiting: dict[ElementKey, list[Element]] = {}
 
     def build(self, ports: Iterable[PortalPort]) -> Desired:
         family = self.layout.config.family
         previous, fresh = self._ports, {}
-        added: list[tuple[PortalPort, tuple[Element, ...]]] = []
+        added: list[tuple[Element, ...]] = []
         for entry in ports:
             if entry.port.family is not family:
                 continue
             elements = previous.pop(entry, None)
             if elements is None:
                 elements = tuple(port_elements(entry, self.layout))
-                added.append((entry, elements))
+                added.append(elements)
             fresh[entry] = elements
-        for gone, elements in previous.items():
+        for elements in previous.values():
             for element in elements:
-                self._unclaim(gone, element)
-        for entry, elements in added:
+                self._unclaim(element)
+        for elements in added:
             for element in elements:
-                self._claim(entry, element)
+                self._claim(element)
         self._ports = fresh
         return self.desired
 
@@ -233,31 +234,34 @@ class ElementBuilder:
         """The kernel holds `desired` now."""
         self.delta.clear()
 
-    def _claim(self, entry: PortalPort, element: Element) -> None:
-        key = (element.container, element.key_text)
-        claimants = self._claims.setdefault(key, [])
-        claimants.append((entry, element))
-        if len(claimants) == 1:
-            self._put(key, element)
+    def _claim(self, element: Element) -> None:
+        container, key = self.desired[element.container], element.key_text
+        if key in container:
+            self._waiting.setdefault((element.container, key), []).append(element)
+            return
+        self._note((element.container, key), None)
+        container[key] = element
 
-    def _unclaim(self, entry: PortalPort, element: Element) -> None:
-        key = (element.container, element.key_text)
-        claimants = self._claims[key]
-        index = claimants.index((entry, element))
-        del claimants[index]
-        if index == 0:
-            self._put(key, claimants[0][1] if claimants else None)
-        if not claimants:
-            del self._claims[key]
-
-    def _put(self, key: ElementKey, element: Element | None) -> None:
-        container = self.desired[key[0]]
-        before = container.get(key[1])
-        if element is None:
-            container.pop(key[1], None)
+    def _unclaim(self, element: Element) -> None:
+        container, key = self.desired[element.container], element.key_text
+        ref = (element.container, key)
+        waiting = self._waiting.get(ref)
+        if container.get(key) is not element:  # a waiting claim goes
+            if waiting is not None:
+                waiting.remove(element)
+                if not waiting:
+                    del self._waiting[ref]
+            return
+        self._note(ref, element)
+        if waiting:
+            container[key] = waiting.pop(0)
+            if not waiting:
+                del self._waiting[ref]
         else:
-            container[key[1]] = element
-        self.delta.setdefault(key, before)
+            del container[key]
+
+    def _note(self, ref: ElementKey, before: Element | None) -> None:
+        self.delta.setdefault(ref, before)
 
 
 def port_elements(entry: PortalPort, layout: Layout) -> list[Element]:
