@@ -58,6 +58,8 @@ SETUPS = {
     "userspace legacy": ("--iptables-backend", "legacy"),
     "userspace nft": ("--iptables-backend", "nft"),
     "iptables mode": ("--iptables-backend", "nft", "--proxy-mode", "iptables"),
+    "nftables mode": ("--proxy-mode", "nftables"),
+    "nftables portals": ("--portals-backend", "nftables"),
     "userspace bound to ::": ("--iptables-backend", "nft", "--bind-address", "::"),
 }
 
@@ -143,6 +145,12 @@ async def test_no_endpoints_is_refused_in_both_families(node: dict[str, str]) ->
 
 
 async def test_ip6tables_holds_the_rules(node: dict[str, str]) -> None:
+    if node["setup"].startswith("nftables"):
+        tables = topo.run_in(node["node"], "nft", "list", "ruleset")
+        table = "userproxy" if node["setup"] == "nftables mode" else "userproxy-portals"
+        assert f"table ip6 {table} " in tables and f"table ip {table} " in tables
+        assert f"{VIP6} . tcp . 80" in tables and "ip6 daddr != ::1" in tables
+        return
     rules = topo.run_in(node["node"], "ip6tables-save") + topo.run_in(
         node["node"], "ip6tables-legacy-save"
     )

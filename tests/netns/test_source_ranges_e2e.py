@@ -32,7 +32,12 @@ async def dial_from(ns: str, source: str) -> str:
         sock.close()
 
 
-@pytest.mark.parametrize("mode", [(), ("--proxy-mode", "iptables")], ids=["userspace", "iptables"])
+@pytest.mark.parametrize(
+    "mode",
+    [(), ("--proxy-mode", "iptables"), ("--proxy-mode", "nftables"),
+     ("--portals-backend", "nftables")],
+    ids=["userspace", "iptables", "nftables", "nftables-portals"],
+)  # fmt: skip
 async def test_only_sources_in_range_reach_the_load_balancer_ip(
     tmp_path: Path, mode: tuple[str, ...]
 ) -> None:

@@ -41,7 +41,12 @@ def objects(local_pod: bool) -> list[dict[str, Any]]:
     return [svc, *slices]
 
 
-MODES = {"userspace": (), "iptables mode": ("--proxy-mode", "iptables")}
+MODES = {
+    "userspace": (),
+    "iptables mode": ("--proxy-mode", "iptables"),
+    "nftables mode": ("--proxy-mode", "nftables"),
+    "nftables portals": ("--portals-backend", "nftables"),
+}
 
 
 @pytest.fixture(params=list(MODES))
