@@ -17,8 +17,10 @@ from tests.conftest import loopback_settings
 from tests.helpers import TcpBackend, tcp_name, wait_for
 from userproxy import UserProxy
 from userproxy.model import ServicePort, ServicePortName
+from userproxy.nftables_mode.provider import NftablesProvider
 from userproxy.objects import endpoint_slice, service
 from userproxy.serving.servers import Servers
+from userproxy.testing.nftfake import FakeNftables
 from userproxy.userspace.portals.interface import ActivePort
 
 WEB = "default/web:http"
@@ -218,4 +220,29 @@ async def test_configz_speaks_kube_proxy_configuration_field_names() -> None:
         assert doc["udpIdleTimeout"] == "500ms" and doc["bindAddress"] == "127.0.0.1"
         assert doc["iptables"]["syncPeriod"] == "30s" and "udp_timeout" not in doc
     finally:
+        await servers.stop()
+
+
+async def test_nftables_mode_exports_upstreams_failure_counters() -> None:
+    """`kubeproxy_sync_proxy_rules_nftables_{sync,cleanup}_failures_total`, as upstream names
+    them, count what nft refused (here the fake, told to refuse the first transaction)."""
+    nft = FakeNftables()
+    nft.fail_next = "Error: Could not process rule: Cannot allocate memory"
+    settings = loopback_settings(mode="nftables", sync_period=30.0)
+    proxy = UserProxy(settings, provider=NftablesProvider(settings=settings, nft=nft))
+    servers = Servers(proxy, healthz_address="", metrics_address="127.0.0.1:0")
+    await servers.start()
+    await proxy.start()
+    try:
+        await proxy.apply(
+            service("web", cluster_ip="10.96.0.10", ports=[("http", 80)]),
+            endpoint_slice("web", addresses=["10.244.0.2"], ports=[("http", 8080)]),
+        )
+        await wait_for(lambda: nft.exists(), 5)  # the runner retried after the refusal
+        m = await scrape(servers)
+        assert m[("kubeproxy_sync_proxy_rules_nftables_sync_failures_total", ())] == 1
+        assert m[("kubeproxy_sync_proxy_rules_nftables_cleanup_failures_total", ())] == 0
+        assert (await get(servers, "metrics", "/proxyMode"))[1] == "nftables"
+    finally:
+        await proxy.stop()
         await servers.stop()

@@ -92,7 +92,7 @@ async def test_kernel_paths_spread_affinity_and_refusal(
     assert set(spread) == PODS and all(60 <= n <= 140 for n in spread.values()), spread
     for netns, host, port in (("node", VIP, 80), ("ext", topo.NODE_IP, NODE_PORT),
                               ("pod2", topo.POD_GW, NODE_PORT)):  # fmt: skip
-        assert {await tcp(ns[netns], host, port) for _ in range(8)} == PODS, (netns, host)
+        assert {await tcp(ns[netns], host, port) for _ in range(16)} == PODS, (netns, host)
     assert await udp(ns["pod2"], VIP, 80) in PODS
     assert await udp(ns["ext"], topo.NODE_IP, NODE_PORT) in PODS  # replies come back via the node
     sticky = {await tcp(ns["pod1"], STICKY_VIP, 80) for _ in range(20)}
@@ -140,11 +140,11 @@ async def test_switching_modes_leaves_nothing_of_the_other(
     rules = saved(ns)
     assert "KUBE-SVC-" not in rules and "KUBE-SERVICES" not in rules
     assert "KUBE-PORTALS-CONTAINER" in rules
-    assert {await tcp(ns["pod1"], VIP, 80) for _ in range(6)} == PODS
+    assert {await tcp(ns["pod1"], VIP, 80) for _ in range(16)} == PODS
     await stop(proxy)
     proxy = await start("iptables")
     assert "KUBE-PORTALS" not in saved(ns) and "KUBE-USERPROXY" in saved(ns)
-    assert {await tcp(ns["pod1"], VIP, 80) for _ in range(8)} == PODS
+    assert {await tcp(ns["pod1"], VIP, 80) for _ in range(16)} == PODS
     await stop(proxy)
     topo.run_in(ns["node"], sys.executable, "-m", "userproxy", "cleanup")
     assert "KUBE-" not in saved(ns)

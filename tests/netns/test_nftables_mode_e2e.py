@@ -197,3 +197,28 @@ async def test_switching_modes_leaves_nothing_of_the_other(
         await stop(proxy)
     topo.run_in(ns["node"], sys.executable, "-m", "userproxy", "cleanup")
     assert "userproxy" not in table(ns) and "KUBE-" not in iptables(ns)
+
+
+async def test_portal_backends_and_modes_switch_cleanly_after_a_crash(
+    node: tuple[dict[str, str], Path, Start],
+) -> None:
+    """Killed processes leave their rules; whichever comes next removes every other kind."""
+    ns, _, start = node
+    steps = [
+        (("userspace", "--portals-backend", "nftables"), "table ip userproxy-portals", ()),
+        (("userspace", "--portals-backend", "iptables"), "KUBE-PORTALS-CONTAINER",
+         ("userproxy-portals",)),
+        (("nftables",), "table ip userproxy ", ("KUBE-", "userproxy-portals")),
+        (("userspace", "--portals-backend", "nftables"), "table ip userproxy-portals",
+         ("KUBE-", "table ip userproxy ")),
+    ]  # fmt: skip
+    for argv, present, absent in steps:
+        proxy = await start(*argv)
+        everything = table(ns) + iptables(ns)
+        assert present in everything, argv
+        assert not [a for a in absent if a in everything], (argv, everything)
+        assert {await tcp(ns["pod1"], VIP, 80) for _ in range(16)} == PODS, argv
+        proxy.kill()
+        await proxy.wait()
+    topo.run_in(ns["node"], sys.executable, "-m", "userproxy", "cleanup")
+    assert "userproxy" not in table(ns) and "KUBE-" not in iptables(ns)
