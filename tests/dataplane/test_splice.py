@@ -12,7 +12,7 @@ from tests.helpers import LOCAL, TcpBackend, send_reset, wait_for
 from userproxy import UserProxy
 from userproxy.objects import endpoint_slice, service
 from userproxy.userspace.splice import SPLICE_AFTER
-from userproxy.userspace.tcp import ClientSide
+from userproxy.userspace.tcp import Relay
 
 NAME = "default/bulk:p"
 BULK = 3 * SPLICE_AFTER + 4321
@@ -26,7 +26,7 @@ async def serve(proxy: UserProxy, port: int) -> int:
     return proxy.proxy_port(NAME)
 
 
-def relays(proxy: UserProxy) -> list[ClientSide]:
+def relays(proxy: UserProxy) -> list[Relay]:
     runtime = proxy.provider.runtimes[next(iter(proxy.provider.runtimes))]  # type: ignore[union-attr]
     return list(runtime.connections)
 

@@ -288,7 +288,7 @@ async def test_finished_relays_are_freed_without_the_cycle_collector(proxy: User
         await wait_for(lambda: proxy.counters(NAME).active == 0, what="relays closed")
         await wait_for(lambda: not backend.handlers, what="backend handlers done")
         gc.collect()
-        relay_types = (tcp.ClientSide, tcp.BackendSide, asyncio.Task)
+        relay_types = (tcp.Relay, asyncio.Task)
         leaked = [o for o in gc.garbage if isinstance(o, relay_types)]
         kinds = sorted({type(o).__name__ for o in gc.garbage})
     finally:

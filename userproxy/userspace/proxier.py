@@ -52,7 +52,7 @@ from userproxy.userspace.loops import OwnAddresses
 from userproxy.userspace.portals.interface import ActivePort, Portals
 from userproxy.userspace.stats import PortStats, snapshot
 from userproxy.userspace.steering import steer_by_client_ip
-from userproxy.userspace.tcp import ClientSide, RelayBudget, TcpProxy, abort_all
+from userproxy.userspace.tcp import Relay, RelayBudget, TcpProxy, abort_all
 from userproxy.userspace.udp import UdpProxy
 from userproxy.userspace.wire import DataPlane
 
@@ -98,7 +98,7 @@ class PortRuntime:
     proxy_port: int
     listener: TcpProxy | UdpProxy
     stats: PortStats
-    connections: set[ClientSide] = field(default_factory=set)
+    connections: set[Relay] = field(default_factory=set)
     #: `externalTrafficPolicy: Local`: the listener external paths go to (local endpoints).
     external: TcpProxy | UdpProxy | None = None
     external_port: int = 0
@@ -308,7 +308,7 @@ class Proxier:
             runtime.port = port
             _configure(runtime.listener, port)
             return
-        stats, connections = PortStats(), set[ClientSide]()
+        stats, connections = PortStats(), set[Relay]()
         if runtime is not None:
             # Rebuild: the established connections and the counters carry over.
             self._close_listener(runtime)
@@ -327,7 +327,7 @@ class Proxier:
                 self._merge(port, bound)
 
     def _open(
-        self, port: ServicePort, stats: PortStats, connections: set[ClientSide]
+        self, port: ServicePort, stats: PortStats, connections: set[Relay]
     ) -> PortRuntime | None:
         try:
             listener, proxy_port = self._listen(port, stats, connections)
@@ -406,7 +406,7 @@ class Proxier:
         self,
         port: ServicePort,
         stats: PortStats,
-        connections: set[ClientSide],
+        connections: set[Relay],
         *,
         external: bool = False,
     ) -> tuple[TcpProxy | UdpProxy, int]:
@@ -431,7 +431,7 @@ class Proxier:
         self,
         port: ServicePort,
         stats: PortStats,
-        connections: set[ClientSide],
+        connections: set[Relay],
         *,
         external: bool = False,
     ) -> tuple[TcpProxy | UdpProxy, int] | None:
@@ -482,7 +482,7 @@ class Proxier:
             for name, (port, proxy_port, eps) in wanted.items():
                 self.balancer.set_affinity(name, port.affinity)
                 if name not in self.runtimes:
-                    stats, connections = PortStats(), set[ClientSide]()
+                    stats, connections = PortStats(), set[Relay]()
                     listener = self._make_listener(port, stats, connections)
                     try:
                         self._bind(listener, proxy_port)
@@ -508,7 +508,7 @@ class Proxier:
         self,
         port: ServicePort,
         stats: PortStats,
-        connections: set[ClientSide],
+        connections: set[Relay],
         *,
         external: bool = False,
     ) -> TcpProxy | UdpProxy:

@@ -1,50 +1,63 @@
-"""The TCP data path: one listener per service port, one relay per accepted connection.
+"""The TCP data path: one listener per service port, one relay per accepted connection, all on
+the process's own edge-triggered epoll (`eventcore`): raw non-blocking sockets, registered once,
+no Task, future or timer per connection.
 
-A relay is two asyncio Protocols (client side and backend side) that write straight into each
-other's transports, so a chunk costs one callback and one `write`. The network behaviour:
-
-- Accepting never waits for dialling: each connection dials in its own task, with failover
-  across endpoints (0.25, 0.5, 1 and 2 s attempts, affinity reset after a failure).
-- Backpressure: when a side's write buffer passes its high-water mark the other side stops
-  reading, and resumes when it drains, so a slow reader holds the proxy to bounded buffers
-  (the kernel's socket buffers then push back on the fast sender).
-- Bytes a client sends before its backend is up are buffered up to a bound, then its reading is
-  paused. (Under uvloop, pausing inside `connection_made` has no effect, so we cannot simply
-  not read.)
-- Bulk flows move to splice(2): once one direction has moved `SPLICE_AFTER` bytes, the relay
-  is handed to `splice.SpliceRelay` (see there), which passes data socket to socket through
-  a pipe without copying it into Python. Connection setup and small exchanges stay on
-  transports, where they are cheapest.
-- A FIN is passed on as a FIN (`write_eof`) while the other direction keeps flowing; once both
-  directions are finished both sockets are closed. A reset or error on one side is passed on
-  as a reset (SO_LINGER 0 then close) so the peer does not mistake a failure for a clean end.
+The network behaviour:
+- Accepting never waits for dialling: the listener accepts in batches until the kernel's queue
+  is empty; each connection dials with a non-blocking connect, with failover across endpoints
+  (0.25, 0.5, 1 and 2 s attempts, affinity reset after a failure); the timeouts are entries
+  in the core's one deadline heap.
+- Backpressure: a direction holds at most one read's worth of bytes (`CHUNK`) that its
+  destination could not take; it stops reading until the destination's next "writable" edge
+  has taken them, so a slow reader holds the proxy to that (the kernel's socket buffers then
+  push back on the fast sender). A reset on a side nobody is reading still arrives, as an
+  EPOLLERR edge.
+- Bytes a client sends before its backend is up are held up to `EARLY_DATA_LIMIT`, then its
+  reading waits for the backend.
+- Bulk flows move to splice(2): once one direction has moved `SPLICE_AFTER` bytes, both
+  sockets are handed to `splice.SpliceRelay`, which passes data socket to socket through a
+  pipe without copying it into Python.
+- A FIN is passed on as a FIN (shutdown SHUT_WR, once what was read before it is written)
+  while the other direction keeps flowing; once both directions are finished both sockets are
+  closed. A reset or error on one side is passed on as a reset (SO_LINGER 0 then close) so the
+  peer does not mistake a failure for a clean end. EPOLLRDHUP with a short read ends a
+  direction without a further read.
+- TCP_NODELAY on both sides, as the old proxy and every transport-based relay set it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import resource
 import socket
 import struct
 from collections.abc import Callable
-from typing import cast
 
 import structlog
 
 from userproxy.balancer import BalancerError, RoundRobinBalancer
 from userproxy.model import Family, ServicePortName
-from userproxy.userspace import proxyproto
+from userproxy.userspace import eventcore, proxyproto
+from userproxy.userspace.eventcore import (
+    CONNECTION_EVENTS,
+    EPOLLERR,
+    EPOLLHUP,
+    EPOLLIN,
+    EPOLLOUT,
+    EPOLLRDHUP,
+    LISTENER_EVENTS,
+    EventCore,
+)
 from userproxy.userspace.proxyproto import original_destination
 from userproxy.userspace.splice import (
     SPLICE_AFTER,
     SpliceRelay,
     descriptor_budget,
     splice_supported,
-    take_socket,
 )
 from userproxy.userspace.stats import EndpointCounters, PortStats
-from userproxy.userspace.tcpstate import PAUSED_CHECK_INTERVAL, connection_gone
 
 log = structlog.get_logger("userproxy.tcp")
 
@@ -52,23 +65,24 @@ log = structlog.get_logger("userproxy.tcp")
 DIAL_TIMEOUTS = (0.25, 0.5, 1.0, 2.0)
 #: Client bytes held while the backend connection is being set up.
 EARLY_DATA_LIMIT = 256 * 1024
-#: Per-transport write buffer: above HIGH the peer stops reading, below LOW it resumes.
-WRITE_HIGH_WATER = 256 * 1024
-WRITE_LOW_WATER = 64 * 1024
+#: One read: the most a direction holds when its destination is full.
+CHUNK = 256 * 1024
+#: Reads per direction per turn before other connections get theirs.
+READS_PER_TURN = 16
+#: Connections accepted per listener per turn.
+ACCEPTS_PER_TURN = 64
 
 _LINGER_RESET = struct.pack("ii", 1, 0)
-
+_NONBLOCKING_STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+_IN_PROGRESS = (errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK)
 
 Clock = Callable[[], float]
 
 
-def reset_transport(transport: asyncio.BaseTransport) -> None:
-    """Close with an RST instead of a FIN (SO_LINGER with a zero timeout)."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    transport.abort()  # type: ignore[attr-defined]
+def set_reset_on_close(sock: socket.socket) -> None:
+    """Make the next close send an RST instead of a FIN (SO_LINGER with a zero timeout)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
 
 
 class RelayBudget:
@@ -99,211 +113,357 @@ class RelayBudget:
         return True
 
 
-class _Side(asyncio.Protocol):
-    """What both sides of a relay share: EOF, loss and flow control towards the peer."""
+class _Direction:
+    """One way through a relay: reading `src`, writing `dst`."""
 
-    __slots__ = ("closed", "eof", "handed_off", "moved", "paused_check", "peer", "transport")
-
-    transport: asyncio.Transport
-    peer: _Side | None
+    __slots__ = ("eof", "moved", "pending", "rdhup", "readable", "shut")
 
     def __init__(self) -> None:
-        self.peer = None
+        #: An edge said there is something to read, and no read has found the queue empty.
+        self.readable = False
+        #: The peer has shut down its sending side (EPOLLRDHUP): a short read is the last.
+        self.rdhup = False
+        #: The source's FIN was read.
         self.eof = False
-        self.closed = False
-        #: Bytes read from this side while on transports.
+        #: The FIN was passed on (shutdown of the destination's sending side).
+        self.shut = False
+        #: Bytes read and not yet taken by the destination.
+        self.pending: memoryview | None = None
         self.moved = 0
-        #: The connection now belongs to a SpliceRelay; this transport was let go.
-        self.handed_off = False
-        #: While this side's reading is paused (its peer is back-pressured): the next look
-        #: at whether its connection was reset meanwhile.
-        self.paused_check: asyncio.TimerHandle | None = None
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        peer = self.peer
-        if peer is None or peer.closed:
-            return True
-        if peer.eof:
-            # Both directions are finished: close both sockets (uvloop needs the full close).
-            self.transport.close()
-            peer.transport.close()
-        else:
-            peer.transport.write_eof()
-        return True
-
-    def pause_writing(self) -> None:
-        peer = self.peer
-        if peer is not None and not peer.closed:
-            peer.transport.pause_reading()
-            if peer.paused_check is None:
-                peer.paused_check = asyncio.get_running_loop().call_later(
-                    PAUSED_CHECK_INTERVAL, peer.check_paused
-                )
-
-    def resume_writing(self) -> None:
-        peer = self.peer
-        if peer is not None and not peer.closed:
-            if peer.paused_check is not None:
-                peer.paused_check.cancel()
-                peer.paused_check = None
-            peer.transport.resume_reading()
-
-    def check_paused(self) -> None:
-        """Reading is paused: a reset from this side's peer would go unseen. Look."""
-        self.paused_check = None
-        if self.closed or self.handed_off:
-            return
-        if connection_gone(self.transport.get_extra_info("socket")):
-            self.tear_down()
-            return
-        self.paused_check = asyncio.get_running_loop().call_later(
-            PAUSED_CHECK_INTERVAL, self.check_paused
-        )
-
-    def tear_down(self) -> None:
-        """Reset both sides of the relay."""
-        raise NotImplementedError
-
-    def _pass_on_loss(self, exc: Exception | None) -> None:
-        self.closed = True
-        if self.paused_check is not None:  # nothing left to look at
-            self.paused_check.cancel()
-            self.paused_check = None
-        peer = self.peer
-        if peer is None or peer.closed:
-            return
-        if exc is not None:
-            reset_transport(peer.transport)
-        else:
-            peer.transport.close()
 
 
-class BackendSide(_Side):
-    __slots__ = ("client", "counters")
+class Relay:
+    """One client connection and its backend connection."""
 
-    def __init__(self, client: ClientSide, counters: EndpointCounters) -> None:
-        super().__init__()
-        self.client = client
-        self.counters = counters
+    __slots__ = (
+        "attempt",
+        "backend",
+        "backend_fd",
+        "client",
+        "client_addr",
+        "client_fd",
+        "closed",
+        "connected",
+        "counters",
+        "down",
+        "early",
+        "early_size",
+        "service",
+        "spliced",
+        "up",
+    )
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport = cast(asyncio.Transport, transport)
-        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
-        if self.client.closed:
-            transport.abort()
-            self.closed = True
-            return
-        self.client.attach(self)
-
-    def data_received(self, data: bytes) -> None:
-        self.client.transport.write(data)
-        self.counters.bytes_to_clients += len(data)
-        self.moved += len(data)
-        if self.moved >= SPLICE_AFTER:
-            self.client.hand_to_splice()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.handed_off:
-            return
-        self._pass_on_loss(exc)
-        self.client.finish()
-
-    def tear_down(self) -> None:
-        self.client.abort()
-
-
-class ClientSide(_Side):
-    __slots__ = ("counters", "dial", "early", "early_size", "service", "spliced")
-
-    def __init__(self, service: TcpProxy) -> None:
-        super().__init__()
+    def __init__(self, service: TcpProxy, client: socket.socket, addr: tuple[str, int]) -> None:
         self.service = service
+        self.client = client
+        self.client_fd = client.fileno()
+        self.client_addr = addr
+        self.backend: socket.socket | None = None
+        self.backend_fd = -1
+        self.connected = False
+        self.attempt = -1
         self.counters: EndpointCounters | None = None
-        #: Client bytes that arrived before the backend connection was up (made when needed).
+        #: Client bytes that arrived before the backend connection was up.
         self.early: list[bytes] | None = None
         self.early_size = 0
-        self.dial: asyncio.Task[None] | None = None
+        self.up = _Direction()  # client -> backend
+        self.down = _Direction()  # backend -> client
+        self.closed = False
         self.spliced: SpliceRelay | None = None
 
-    # ---------------------------------------------------------------- asyncio callbacks
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport = cast(asyncio.Transport, transport)
-        if not self.service.budget.take():
-            self.service.shed(self)
-            return
-        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
-        self.service.connections.add(self)
-        self.dial = self.service.loop.create_task(self.service.connect(self))
+    @property
+    def client_ip(self) -> str:
+        return self.client_addr[0]
 
-    def data_received(self, data: bytes) -> None:
-        peer = self.peer
-        if peer is not None:
-            peer.transport.write(data)
-            self.counters.bytes_from_clients += len(data)  # type: ignore[union-attr]
-            self.moved += len(data)
-            if self.moved >= SPLICE_AFTER:
-                self.hand_to_splice()
+    # ---------------------------------------------------------------- events
+    def on_events(self, fd: int, events: int) -> None:
+        if self.closed:
             return
-        if self.early is None:
-            self.early = []
-        self.early.append(data)
-        self.early_size += len(data)
-        if self.early_size >= EARLY_DATA_LIMIT:
-            self.transport.pause_reading()
+        if fd == self.client_fd:
+            self._client_events(events)
+        elif fd == self.backend_fd:
+            if self.connected:
+                self._backend_events(events)
+            else:
+                self._dial_events(events)
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.handed_off:
+    def _client_events(self, events: int) -> None:
+        up, down = self.up, self.down
+        if events & EPOLLERR:
+            self.reset()
             return
-        self._pass_on_loss(exc)
-        if self.dial is not None and not self.dial.done():
-            self.dial.cancel()
-        self.finish()
+        if events & EPOLLRDHUP:
+            up.rdhup = True
+        if events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP):
+            up.readable = True
+        if events & EPOLLOUT and down.pending is not None:
+            self._flush(down, self.client)
+            if self.closed:
+                return
+        if self.connected:
+            self._pump(up, self.client, self.backend)  # type: ignore[arg-type]
+            if not self.closed and down.readable and down.pending is None:
+                self._pump(down, self.backend, self.client)  # type: ignore[arg-type]
+        else:
+            self._read_early()
 
-    # ---------------------------------------------------------------- relay lifecycle
-    def attach(self, backend: BackendSide) -> None:
+    def _backend_events(self, events: int) -> None:
+        up, down = self.up, self.down
+        if events & EPOLLERR:
+            self.reset()
+            return
+        if events & EPOLLRDHUP:
+            down.rdhup = True
+        if events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP):
+            down.readable = True
+        if events & EPOLLOUT and up.pending is not None:
+            self._flush(up, self.backend)  # type: ignore[arg-type]
+            if self.closed:
+                return
+        self._pump(down, self.backend, self.client)  # type: ignore[arg-type]
+        if not self.closed and up.readable and up.pending is None:
+            self._pump(up, self.client, self.backend)  # type: ignore[arg-type]
+
+    # ---------------------------------------------------------------- moving bytes
+    def _pump(self, d: _Direction, src: socket.socket, dst: socket.socket) -> None:
+        """Read `src` and write `dst` until the source is empty or the destination is full."""
+        counters = self.counters
+        upstream = d is self.up
+        for _ in range(READS_PER_TURN):
+            if not d.readable or d.pending is not None or d.eof:
+                return
+            try:
+                data = src.recv(CHUNK)
+            except BlockingIOError:
+                d.readable = False
+                return
+            except OSError:
+                self.reset()
+                return
+            size = len(data)
+            if not size:
+                d.readable = False
+                self._eof(d, dst)
+                return
+            if size < CHUNK:
+                d.readable = False  # the queue is empty: the next arrival is a new edge
+            if upstream:
+                counters.bytes_from_clients += size  # type: ignore[union-attr]
+            else:
+                counters.bytes_to_clients += size  # type: ignore[union-attr]
+            d.moved += size
+            try:
+                sent = dst.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self.reset()
+                return
+            if sent < size:
+                d.pending = memoryview(data)[sent:]
+            if not d.readable and d.rdhup and d.pending is None:
+                # EPOLLRDHUP and a short read: that was the last of it.
+                self._eof(d, dst)
+                return
+            if d.moved >= SPLICE_AFTER and self._hand_to_splice():
+                return
+        if d.readable and d.pending is None:
+            self.service.core.again(lambda: self._resume(d))
+
+    def _resume(self, d: _Direction) -> None:
+        if self.closed or self.spliced is not None:
+            return
+        if d is self.up:
+            self._pump(d, self.client, self.backend)  # type: ignore[arg-type]
+        else:
+            self._pump(d, self.backend, self.client)  # type: ignore[arg-type]
+
+    def _flush(self, d: _Direction, dst: socket.socket) -> None:
+        pending = d.pending
+        assert pending is not None
+        try:
+            sent = dst.send(pending)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.reset()
+            return
+        if sent < len(pending):
+            d.pending = pending[sent:]
+            return
+        d.pending = None
+        if d.eof and not d.shut:
+            self._shut(d, dst)
+
+    def _eof(self, d: _Direction, dst: socket.socket | None) -> None:
+        d.eof = True
+        if dst is not None and d.pending is None:
+            self._shut(d, dst)
+
+    def _shut(self, d: _Direction, dst: socket.socket) -> None:
+        d.shut = True
+        try:
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.reset()
+            return
+        if self.up.shut and self.down.shut:
+            self.close()
+
+    # ---------------------------------------------------------------- dialling
+    def dial(self) -> None:
+        """Try the next endpoint (or give up after the last)."""
+        service = self.service
+        self.attempt += 1
+        if self.attempt >= len(service.dial_timeouts):
+            service._warn_unaccepted()
+            self.reset()
+            return
+        try:
+            endpoint = service.balancer.next_endpoint(
+                service.name, self.client_ip, now=service.clock(), reset=self.attempt > 0
+            )
+        except BalancerError:
+            service.stats.rejected += 1
+            # At the next turn: a client on this loop may not have seen its connect complete
+            # yet, and a reset before that fails its connect instead of its first read.
+            service.core.again(self.reset)
+            return
+        self.counters = service.stats.endpoint(endpoint)
+        try:
+            sock = socket.socket(endpoint.family.socket_family, _NONBLOCKING_STREAM)
+        except OSError as err:
+            self._dial_failed(str(endpoint), err)
+            return
+        self.backend, self.backend_fd = sock, sock.fileno()
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            code = sock.connect_ex((endpoint.ip, endpoint.port))
+        except OSError as err:
+            self._drop_backend()
+            self._dial_failed(str(endpoint), err)
+            return
+        if code and code not in _IN_PROGRESS:
+            self._drop_backend()
+            self._dial_failed(str(endpoint), OSError(code, errno.errorcode.get(code, "")))
+            return
+        service.core.register(sock, self, CONNECTION_EVENTS)
+        attempt = self.attempt
+        timeout = service.dial_timeouts[attempt]
+        service.core.call_at(service.loop.time() + timeout, lambda: self._dial_timeout(attempt))
+
+    def _dial_events(self, events: int) -> None:
+        if events & (EPOLLERR | EPOLLHUP):
+            sock = self.backend
+            code = 0
+            if sock is not None:
+                try:
+                    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                except OSError as err:
+                    code = err.errno or 0
+            self._drop_backend()
+            self._dial_failed("", OSError(code, errno.errorcode.get(code, "refused")))
+            return
+        if events & EPOLLOUT:
+            self._attach(events)
+
+    def _dial_timeout(self, attempt: int) -> None:
+        if self.closed or self.connected or attempt != self.attempt:
+            return
+        self._drop_backend()
+        self._dial_failed("", TimeoutError())
+
+    def _dial_failed(self, endpoint: str, err: BaseException) -> None:
+        if self.counters is not None:
+            self.counters.dial_failures += 1
+        log.debug(
+            "Dialling an endpoint failed; trying the next one.",
+            service=str(self.service.name),
+            endpoint=endpoint or None,
+            attempt=self.attempt + 1,
+            error=_describe(err),
+        )
+        self.counters = None
+        if not self.closed:
+            self.dial()
+
+    def _drop_backend(self) -> None:
+        if self.backend is not None:
+            self.service.core.close_later(self.backend)
+        self.backend, self.backend_fd = None, -1
+
+    def _attach(self, events: int) -> None:
         """The backend connection is up: start relaying, starting with the early bytes."""
-        self.peer = backend
-        backend.peer = self
-        self.dial = None  # the dial's Task and coroutine would otherwise live as long as we do
-        counters = self.counters = backend.counters
+        self.connected = True
+        counters = self.counters
+        assert counters is not None and self.backend is not None
         counters.active += 1
         counters.total += 1
-        if self.service.proxy_protocol:
-            backend.transport.write(self.proxy_header(self.service.proxy_protocol))
+        service = self.service
+        head: list[bytes] = []
+        if service.proxy_protocol:
+            head.append(self.proxy_header(service.proxy_protocol))
         if self.early:
-            backend.transport.writelines(self.early)
+            head += self.early
             counters.bytes_from_clients += self.early_size
+            self.up.moved += self.early_size
             self.early, self.early_size = None, 0
-            self.transport.resume_reading()
-        if self.eof:
-            backend.transport.write_eof()
+        if head:
+            data = b"".join(head)
+            try:
+                sent = self.backend.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self.reset()
+                return
+            if sent < len(data):
+                self.up.pending = memoryview(data)[sent:]
+        if self.up.eof and self.up.pending is None:
+            self._shut(self.up, self.backend)
+            if self.closed:
+                return
+        self._backend_events(events & ~EPOLLOUT)
+        if not self.closed and self.up.readable:
+            self._pump(self.up, self.client, self.backend)
 
-    def hand_to_splice(self) -> None:
-        """Move a bulk relay to splice, if both transports are idle enough to let go."""
-        backend = self.peer
+    def _read_early(self) -> None:
+        """Hold what the client sends while its backend is being dialled, up to a bound."""
+        up = self.up
+        while up.readable and not up.eof and self.early_size < EARLY_DATA_LIMIT:
+            try:
+                data = self.client.recv(EARLY_DATA_LIMIT - self.early_size)
+            except BlockingIOError:
+                up.readable = False
+                return
+            except OSError:
+                self.reset()
+                return
+            if not data:
+                up.readable = False
+                up.eof = True
+                return
+            if self.early is None:
+                self.early = []
+            self.early.append(data)
+            self.early_size += len(data)
+
+    # ---------------------------------------------------------------- ending
+    def _hand_to_splice(self) -> bool:
+        """Move a bulk relay to splice, if both directions are idle enough to let go."""
+        up, down, service = self.up, self.down, self.service
+        backend = self.backend
         if (
             backend is None
             or self.spliced is not None
-            or self.closed
-            or backend.closed
-            or self.eof
-            or backend.eof
-            or self.transport.get_write_buffer_size()
-            or backend.transport.get_write_buffer_size()
+            or up.pending is not None
+            or down.pending is not None
+            or up.eof
+            or down.eof
             or not splice_supported()
-            or SpliceRelay.active >= self.service.splice_budget
+            or SpliceRelay.active >= service.splice_budget
         ):
-            return
-        try:
-            client_sock = take_socket(self.transport)
-        except OSError:
-            return
-        try:
-            backend_sock = take_socket(backend.transport)
-        except OSError:
-            client_sock.close()
-            return
+            return False
         counters = self.counters
         assert counters is not None
 
@@ -315,81 +475,69 @@ class ClientSide(_Side):
 
         try:
             relay = SpliceRelay(
-                self.service.loop,
-                client_sock,
-                backend_sock,
+                service.loop,
+                self.client,
+                backend,
                 to_backend=to_backend,
                 to_client=to_client,
                 on_closed=self._splice_closed,
             )
-        except OSError:  # no descriptors for the pipes: stay on the transports
-            client_sock.close()
-            backend_sock.close()
-            return
-        self.handed_off = backend.handed_off = True
-        # Closing the transports closes their descriptors only: ours keep both connections.
-        self.transport.abort()
-        backend.transport.abort()
+        except OSError:  # no descriptors for the pipes: stay here
+            return False
+        service.core.forget(self.client)
+        service.core.forget(backend)
         self.spliced = relay
         relay.start()
+        return True
 
     def _splice_closed(self) -> None:
         self.spliced = None
         self.closed = True
-        if self.peer is not None:
-            self.peer.closed = True
-        self.finish()
+        self._account()
 
-    def refuse(self) -> None:
-        """No endpoint could take the connection: reset it so the client sees a failure."""
-        if not self.closed:
-            reset_transport(self.transport)
-
-    def finish(self) -> None:
-        """Account for the relay once every socket of it is closed."""
-        peer = self.peer
-        if not self.closed or (peer is not None and not peer.closed):
+    def close(self) -> None:
+        """Both directions finished: close both sockets."""
+        if self.closed:
             return
-        if self in self.service.connections:
-            self.service.connections.discard(self)
-            self.service.budget.in_use -= 1
-            if self.counters is not None:
-                self.counters.active -= 1
-        # Unlink the two sides so the relay is freed by reference counting: objects left in
-        # cycles would make the cycle collector run every few dozen connections.
-        self.peer = self.dial = None
-        if peer is not None:
-            peer.peer = None
+        self.closed = True
+        core = self.service.core
+        core.close_later(self.client)
+        if self.backend is not None:
+            core.close_later(self.backend)
+        self._account()
 
-    def tear_down(self) -> None:
-        self.abort()
-
-    def abort(self) -> None:
-        """Tear the relay down now (service removed or proxy stopping): reset both sides."""
+    def reset(self) -> None:
+        """A side failed, no endpoint took the connection, or the relay is torn down: both
+        peers see a reset."""
         if self.spliced is not None:
             self.spliced.reset()
             return
-        if self.dial is not None and not self.dial.done():
-            self.dial.cancel()
-        for side in (self, self.peer):
-            if side is not None and not side.closed:
-                reset_transport(side.transport)
+        if self.closed:
+            return
+        set_reset_on_close(self.client)
+        if self.backend is not None:
+            set_reset_on_close(self.backend)
+        self.close()
 
-    @property
-    def client_ip(self) -> str:
-        peer = self.transport.get_extra_info("peername")
-        return str(peer[0]) if peer else ""
+    abort = reset
+
+    def _account(self) -> None:
+        service = self.service
+        if self in service.connections:
+            service.connections.discard(self)
+            service.budget.in_use -= 1
+            if self.connected and self.counters is not None:
+                self.counters.active -= 1
+        self.early = None
 
     def proxy_header(self, version: int) -> bytes:
         """The PROXY protocol header: this client, and the service address it dialled (the
         proxy port itself when no portal redirected it)."""
-        transport = self.transport
-        peer = transport.get_extra_info("peername")
-        sock = transport.get_extra_info("socket")
-        dialled = original_destination(sock) if sock is not None else None
+        dialled = original_destination(self.client)
         if dialled is None:
-            dialled = transport.get_extra_info("sockname")[:2]
-        return proxyproto.header(version, (peer[0], peer[1]), (dialled[0], dialled[1]))
+            dialled = self.client.getsockname()[:2]
+        host, port = self.client_addr[0], self.client_addr[1]
+        return proxyproto.header(version, (host, port), (dialled[0], dialled[1]))
 
 
 class TcpProxy:
@@ -401,7 +549,7 @@ class TcpProxy:
         name: ServicePortName,
         balancer: RoundRobinBalancer,
         stats: PortStats,
-        connections: set[ClientSide],
+        connections: set[Relay],
         clock: Clock,
         dial_timeouts: tuple[float, ...] = DIAL_TIMEOUTS,
         budget: RelayBudget | None = None,
@@ -420,7 +568,8 @@ class TcpProxy:
         self._warned_at = self._shed_warned_at = float("-inf")
         self._unlogged = 0
         self.loop = asyncio.get_running_loop()
-        self._server: asyncio.Server | None = None
+        self.core: EventCore = eventcore.for_loop(self.loop)
+        self._accepting = False
         #: The listening socket, once listening.
         self.sock: socket.socket | None = None
 
@@ -428,61 +577,66 @@ class TcpProxy:
         self, *, host: str, port: int, family: Family = Family.IPv4, reuse_port: bool = False
     ) -> int:
         """Bind and listen; returns the bound port (the kernel's choice for port 0). From here
-        the kernel queues connections in the backlog until `start()` accepts them.
-
-        The socket is made here rather than by `create_server(host=...)`, which resolves the
-        address through getaddrinfo in a thread: 0.5 ms per listener, 5 s for 10,000."""
+        the kernel queues connections in the backlog until `start()` accepts them."""
         sock = self.sock = listening_socket(host, port, family, reuse_port=reuse_port)
         return int(sock.getsockname()[1])
 
     async def start(self) -> None:
         """Accept on the bound socket."""
         assert self.sock is not None, "bind() first"
+        self.core = eventcore.for_loop(self.loop)  # the last one closed when it fell idle
         try:
-            self._server = await self.loop.create_server(
-                lambda: ClientSide(self), sock=self.sock, backlog=socket.SOMAXCONN
-            )
+            self.core.register(self.sock, self, LISTENER_EVENTS)
         except BaseException:
             self.sock.close()
             self.sock = None
             raise
+        self.core.acquire()
+        self._accepting = True
 
-    async def connect(self, client: ClientSide) -> None:
-        client_ip = client.client_ip
-        for attempt, timeout in enumerate(self.dial_timeouts):
-            try:
-                endpoint = self.balancer.next_endpoint(
-                    self.name, client_ip, now=self.clock(), reset=attempt > 0
-                )
-            except BalancerError:
-                self.stats.rejected += 1
-                client.refuse()
-                return
-            counters = self.stats.endpoint(endpoint)
-            try:
-                async with asyncio.timeout(timeout):
-                    await self.loop.create_connection(
-                        lambda c=counters: BackendSide(client, c),  # type: ignore[misc]
-                        endpoint.ip,
-                        endpoint.port,
-                    )
-                return
-            except (OSError, TimeoutError) as err:
-                counters.dial_failures += 1
-                log.debug(
-                    "Dialling an endpoint failed; trying the next one.",
-                    service=str(self.name),
-                    endpoint=str(endpoint),
-                    attempt=attempt + 1,
-                    error=_describe(err),
-                )
-        self._warn_unaccepted()
-        client.refuse()
+    def on_events(self, fd: int, events: int) -> None:
+        self._accept()
 
-    def shed(self, client: ClientSide) -> None:
+    def _accept(self) -> None:
+        """Accept what the backlog holds, a bounded batch per turn."""
+        sock = self.sock
+        if sock is None or not self._accepting:
+            return
+        for _ in range(ACCEPTS_PER_TURN):
+            try:
+                conn, addr = sock.accept()
+            except BlockingIOError:
+                return
+            except OSError as err:
+                if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors or memory: the connection stays queued; look again
+                    # once relays have ended rather than spin.
+                    self.core.call_at(self.loop.time() + 0.1, self._accept)
+                    return
+                continue  # the connection was gone before we took it (ECONNABORTED)
+            self._serve(conn, addr)
+        self.core.again(self._accept)
+
+    def _serve(self, conn: socket.socket, addr: tuple[str, int]) -> None:
+        if not self.budget.take():
+            self.shed(conn)
+            return
+        try:
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            self.budget.in_use -= 1
+            conn.close()
+            return
+        relay = Relay(self, conn, addr)
+        self.connections.add(relay)
+        self.core.register(conn, relay, CONNECTION_EVENTS)
+        relay.dial()
+
+    def shed(self, conn: socket.socket) -> None:
         """Out of relay budget: reset the new connection at once, say so once a second."""
-        client.closed = True
-        reset_transport(client.transport)
+        set_reset_on_close(conn)
+        self.core.close_later(conn)
         now = self.loop.time()
         if now - self._shed_warned_at >= 1.0:
             self._shed_warned_at = now
@@ -527,12 +681,15 @@ class TcpProxy:
 
     def close_listener(self) -> None:
         """Stop accepting; established relays keep running."""
-        if self._server is not None:
-            self._server.close()  # closes the socket too
-            self._server = None
-        elif self.sock is not None:
-            self.sock.close()  # bound but never started
-        self.sock = None
+        sock, self.sock = self.sock, None
+        if sock is None:
+            return
+        if self._accepting:
+            self._accepting = False
+            self.core.close_later(sock)
+            self.core.release()
+        else:
+            sock.close()  # bound but never started
 
 
 def listening_socket(
@@ -562,6 +719,6 @@ def _describe(err: BaseException) -> str:
     return err.strerror or type(err).__name__ if isinstance(err, OSError) else repr(err)
 
 
-def abort_all(connections: set[ClientSide]) -> None:
+def abort_all(connections: set[Relay]) -> None:
     for conn in list(connections):
         conn.abort()
