@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.conftest import loopback_settings
 from tests.helpers import LOCAL, TcpBackend, send_reset, wait_for
 from userproxy import UserProxy
 from userproxy.objects import endpoint_slice, service
@@ -297,3 +298,36 @@ async def test_finished_relays_are_freed_without_the_cycle_collector(proxy: User
         gc.enable()
         await backend.stop()
     assert not leaked, f"relay objects freed only by the cycle collector: {kinds}"
+
+
+def test_the_relay_core_runs_on_the_standard_asyncio_loop() -> None:
+    """Embedders may run any asyncio loop: the event core needs only `add_reader`. A hundred
+    echoed connections, each half-closed by its client, on the standard selector loop."""
+
+    async def echo_and_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _echo(reader, writer)
+        writer.close()
+        await writer.wait_closed()
+
+    async def scenario() -> None:
+        echo = await asyncio.start_server(echo_and_close, LOCAL, 0)
+        async with UserProxy(loopback_settings()) as proxy:
+            port = await serve(proxy, echo.sockets[0].getsockname()[1])
+
+            async def one(i: int) -> bytes:
+                reader, writer = await asyncio.open_connection(LOCAL, port)
+                writer.write(b"%d " % i * 1000)
+                writer.write_eof()
+                data = await reader.read()
+                writer.close()
+                await writer.wait_closed()
+                return data
+
+            got = await asyncio.gather(*(one(i) for i in range(100)))
+            assert got == [b"%d " % i * 1000 for i in range(100)]
+            await wait_for(lambda: proxy.counters(NAME).active == 0, what="relays closed")
+        echo.close()
+        await echo.wait_closed()
+
+    with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
+        runner.run(scenario())

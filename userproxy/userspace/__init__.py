@@ -2,6 +2,7 @@
 endpoints the balancer picks, and portals (kernel rules) that send service traffic there.
 
 `proxier.Proxier` is the mode's `Provider`; `setup.make_provider` builds it from the settings
-with its portals and worker processes. Relays: `tcp.py` (asyncio Protocols, with a splice(2)
-hand-over in `splice.py` for bulk flows) and `udp.py` (non-blocking sockets, per-client flows).
+with its portals and worker processes. Relays: `tcp.py` (raw sockets on the process's own
+edge-triggered epoll, `eventcore.py`, with a splice(2) hand-over in `splice.py` for bulk flows)
+and `udp.py` (non-blocking sockets on the asyncio loop, per-client flows).
 """

@@ -301,14 +301,17 @@ class Relay:
             self._shut(d, dst)
 
     def _shut(self, d: _Direction, dst: socket.socket) -> None:
+        """Pass the FIN on. When the other direction has ended already, closing both sockets
+        sends it (every byte of both was read, so close sends FINs, not resets)."""
         d.shut = True
+        other = self.down if d is self.up else self.up
+        if other.shut:
+            self.close()
+            return
         try:
             dst.shutdown(socket.SHUT_WR)
         except OSError:
             self.reset()
-            return
-        if self.up.shut and self.down.shut:
-            self.close()
 
     # ---------------------------------------------------------------- dialling
     def dial(self) -> None:
@@ -431,8 +434,9 @@ class Relay:
         """Hold what the client sends while its backend is being dialled, up to a bound."""
         up = self.up
         while up.readable and not up.eof and self.early_size < EARLY_DATA_LIMIT:
+            wanted = EARLY_DATA_LIMIT - self.early_size
             try:
-                data = self.client.recv(EARLY_DATA_LIMIT - self.early_size)
+                data = self.client.recv(wanted)
             except BlockingIOError:
                 up.readable = False
                 return
@@ -443,6 +447,8 @@ class Relay:
                 up.readable = False
                 up.eof = True
                 return
+            if len(data) < wanted:
+                up.readable = False  # the queue is empty: the next arrival is a new edge
             if self.early is None:
                 self.early = []
             self.early.append(data)

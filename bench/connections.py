@@ -1,0 +1,138 @@
+"""What one new connection costs a proxy: CPU and syscalls, the proxy pinned to one core and
+the load (wrk, nginx backends) on the other, so per-commit changes show without the noise of
+shared cores.
+
+    sudo python3 bench/connections.py [--rounds 5] [--syscalls] [--peers haproxy,userproxy]
+
+The same sealed topology as bench/run.py. Each round runs wrk with `Connection: close` (one
+thread, 32 connections, 3 s) against every peer in turn; the figures are medians over the
+rounds: new connections per second, the proxy's CPU per connection (user + system time of its
+processes over the run), and with `--syscalls` the system calls per connection (strace -c on
+the proxy for one extra run: strace slows it, the count per connection is what matters).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.netns import Topology  # noqa: E402
+from bench.run import TARGETS, Bench, cpu_seconds  # noqa: E402
+
+PEERS = ["haproxy", "haproxy-tuned", "userproxy"]
+PROXY_CPU, LOAD_CPUS = "0", "1"
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process below it (nginx's workers, userproxy's)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                todo += [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+    return out
+
+
+def pin(pids: list[int], cpus: str) -> None:
+    for pid in [d for p in pids for d in descendants(p)]:
+        subprocess.run(["taskset", "-a", "-cp", cpus, str(pid)], capture_output=True, check=False)
+
+
+def run_wrk(b: Bench, peer: str) -> tuple[float, int, str]:
+    host, port = TARGETS[peer]["web"]
+    argv = ["taskset", "-c", LOAD_CPUS, "wrk", "-H", "Connection: close", "-t1", "-c32", "-d3s",
+            f"http://{host}:{port}/"]  # fmt: skip
+    out = b.topo.run("cli", *argv, timeout=60)
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])  # type: ignore[index]
+    requests = int(re.search(r"(\d+) requests in", out)[1])  # type: ignore[index]
+    return rate, requests, out
+
+
+def measure(b: Bench, peer: str) -> dict[str, float]:
+    before = cpu_seconds(b, peer)
+    rate, requests, _ = run_wrk(b, peer)
+    after = cpu_seconds(b, peer)
+    assert before is not None and after is not None
+    return {"new_conn_per_s": rate, "cpu_us": (after - before) * 1e6 / requests}
+
+
+def syscalls(b: Bench, peer: str) -> float:
+    """System calls per connection, counted by strace on the proxy's processes."""
+    with tempfile.NamedTemporaryFile("r", suffix=".strace") as out:
+        argv = ["strace", "-c", "-f", "-o", out.name]
+        for pid in b.pids[peer]:
+            argv += ["-p", str(pid)]
+        tracer = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
+        try:
+            _, requests, _ = run_wrk(b, peer)
+        finally:
+            tracer.terminate()
+            tracer.wait(30)
+        report = out.read()
+        total = re.search(r"^100\.00\s+\S+\s+\S+\s+(\d+)", report, re.M)
+    if os.environ.get("SHOW_STRACE"):
+        print(f"{peer}: {requests} connections\n{report}")
+    return int(total[1]) / requests if total else float("nan")
+
+
+async def main(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory(prefix="userproxy-conn-bench-") as tmp:
+        topo = Topology().create()
+        bench = Bench(topo, Path(tmp))
+        try:
+            bench.start_backends()
+            bench.start_haproxy()
+            await bench.start_api()
+            await bench.start_userproxy()
+            for peer in args.peers:
+                pin(bench.pids[peer], PROXY_CPU)
+            proxies = {pid for pids in bench.pids.values() for pid in pids}
+            pin([p.pid for p in bench.procs if p.pid not in proxies], LOAD_CPUS)
+            samples: dict[str, list[dict[str, float]]] = {p: [] for p in args.peers}
+            for r in range(args.rounds):
+                for peer in args.peers:
+                    bench.fresh_conntrack()
+                    samples[peer].append(await asyncio.to_thread(measure, bench, peer))
+                print(f"round {r + 1}/{args.rounds}", flush=True)
+            calls = {}
+            if args.syscalls:
+                for peer in args.peers:
+                    bench.fresh_conntrack()
+                    calls[peer] = await asyncio.to_thread(syscalls, bench, peer)
+        finally:
+            bench.stop()
+            await bench.fake.stop()
+            topo.destroy()
+    print(f"\nProxy pinned to CPU {PROXY_CPU}, load and backends to CPU {LOAD_CPUS}; medians of "
+          f"{args.rounds} rounds ({os.cpu_count()} cores).\n")  # fmt: skip
+    print("| relay | new conn/s | CPU µs / connection | syscalls / connection |")
+    print("|---|---:|---:|---:|")
+    for peer in args.peers:
+        rate = statistics.median(s["new_conn_per_s"] for s in samples[peer])
+        cpu = statistics.median(s["cpu_us"] for s in samples[peer])
+        sc = f"{calls[peer]:.1f}" if peer in calls else "-"
+        print(f"| {peer} | {rate:,.0f} | {cpu:.1f} | {sc} |")
+
+
+if __name__ == "__main__":
+    if os.geteuid() != 0:
+        sys.exit("bench/connections.py needs root (it builds network namespaces)")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--syscalls", action="store_true", help="count syscalls with strace")
+    parser.add_argument("--peers", type=lambda s: s.split(","), default=PEERS)
+    asyncio.run(main(parser.parse_args()))
