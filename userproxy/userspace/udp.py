@@ -1,5 +1,10 @@
 """The UDP data path: one socket per service port, one flow per client address.
 
+Every socket here is registered once, edge-triggered, in the process's own event core
+(`eventcore`, shared with the TCP relays): a handler reads until the kernel says EAGAIN, or
+hands the rest of a long burst to the next turn; flows idle out through the core's one
+deadline heap, not a timer each.
+
 A flow is a connected socket from the node to the endpoint its first datagram was given.
 Datagrams from the client go out on it; replies come back on it and leave through the
 *service* socket, so the kernel's NAT (REDIRECT/DNAT) maps their source back to the address
@@ -40,6 +45,8 @@ import structlog
 
 from userproxy.balancer import BalancerError, RoundRobinBalancer
 from userproxy.model import Endpoint, Family, ServicePortName
+from userproxy.userspace import eventcore
+from userproxy.userspace.eventcore import EPOLLET, EPOLLIN, EventCore
 from userproxy.userspace.stats import EndpointCounters, PortStats
 from userproxy.userspace.tcp import RelayBudget
 
@@ -78,6 +85,8 @@ READ_BATCH = 128
 #: loop is busy elsewhere (the 208 KiB default holds a few hundred).
 SERVICE_RCVBUF = 4 << 20
 DIAL_ATTEMPTS = 4
+#: What a UDP socket is registered for: datagrams to read, edge-triggered.
+DATAGRAM_EVENTS = EPOLLIN | EPOLLET
 
 Address = tuple[str, int]
 Clock = Callable[[], float]
@@ -91,15 +100,17 @@ class _Flow:
         "endpoint",
         "last_active",
         "local",
+        "proxy",
         "reply_cmsg",
         "sock",
+        "sock_fd",
         "strays_possible",
-        "timer",
     )
 
     def __init__(
         self,
         *,
+        proxy: UdpProxy,
         client: Address,
         sock: socket.socket,
         endpoint: Endpoint,
@@ -107,19 +118,27 @@ class _Flow:
         reply_cmsg: list[tuple[int, int, bytes]],
         now: float,
     ) -> None:
+        self.proxy = proxy
         self.client = client
         self.sock = sock
+        self.sock_fd = sock.fileno()
         self.endpoint = endpoint
         self.counters = counters
         self.reply_cmsg = reply_cmsg
         self.last_active = now
-        self.timer: asyncio.TimerHandle | None = None
         #: Connected to the client, on the service port (see the module doc), if made.
         self.client_sock: socket.socket | None = None
         #: The packed address the first datagram was received on (IPv4 wildcard sockets).
         self.local: bytes | None = None
         #: The client socket may still hold other clients' datagrams (see the module doc).
         self.strays_possible = False
+
+    def on_events(self, fd: int, events: int) -> None:
+        """Replies on the flow's socket, or the client's datagrams on its client socket."""
+        if fd == self.sock_fd:
+            self.proxy._on_replies(self)
+        else:
+            self.proxy._on_client_datagrams(self)
 
 
 class UdpProxy:
@@ -143,6 +162,8 @@ class UdpProxy:
         self.clock = clock
         self.idle_timeout = idle_timeout
         self.loop = asyncio.get_running_loop()
+        self.core: EventCore = eventcore.for_loop(self.loop)
+        self._using_core = False
         self.flows: dict[Address, _Flow] = {}
         self._sock: socket.socket | None = None
         self._pktinfo = False
@@ -208,19 +229,30 @@ class UdpProxy:
         if self._sock is None:
             return
         if self._reading:
-            self.loop.remove_reader(self._sock.fileno())
+            self.core.forget(self._sock)
             self._reading = False
         if not keep_socket:
             for flow in [f for f in self.flows.values() if f.client_sock is None]:
                 self._close_flow(flow)
             self._sock.close()
             self._sock = None
+        self._release_core()
 
     async def start(self) -> None:
         """Read datagrams from the bound socket."""
         assert self._sock is not None, "bind() first"
-        self.loop.add_reader(self._sock.fileno(), self._on_datagrams)
-        self._reading = True
+        self.core = eventcore.for_loop(self.loop)  # the last one closed when it fell idle
+        self.core.register(self._sock, self, DATAGRAM_EVENTS)
+        self.core.acquire()
+        self._using_core = self._reading = True
+
+    def _release_core(self) -> None:
+        if self._using_core:
+            self._using_core = False
+            self.core.release()
+
+    def on_events(self, fd: int, events: int) -> None:
+        self._on_datagrams()
 
     @property
     def sock(self) -> socket.socket | None:
@@ -232,10 +264,11 @@ class UdpProxy:
             self._close_flow(flow)
         if self._sock is not None:
             if self._reading:
-                self.loop.remove_reader(self._sock.fileno())
+                self.core.forget(self._sock)
             self._sock.close()
             self._sock = None
             self._reading = False
+        self._release_core()
 
     # ---------------------------------------------------------------- client -> endpoint
     def _on_datagrams(self) -> None:
@@ -263,6 +296,7 @@ class UdpProxy:
                 continue
             flow.last_active = now
             self._to_endpoint(flow, size)
+        self.core.again(self._on_datagrams)  # a long burst: the rest at the next turn
 
     def _relay_new(
         self, client: Address, size: int, ancillary: list[tuple[int, int, bytes]], now: float
@@ -307,6 +341,7 @@ class UdpProxy:
         ancillary: list[tuple[int, int, bytes]],
     ) -> _Flow:
         flow = _Flow(
+            proxy=self,
             client=client,
             sock=sock,
             endpoint=endpoint,
@@ -317,8 +352,8 @@ class UdpProxy:
         self.flows[client] = flow
         counters.active += 1
         counters.total += 1
-        self.loop.add_reader(sock.fileno(), self._on_replies, flow)
-        flow.timer = self.loop.call_later(self.idle_timeout, self._check_idle, flow)
+        self.core.register(sock, flow, DATAGRAM_EVENTS)
+        self._expire_at(flow, self.loop.time() + self.idle_timeout)
         flow.local = self._received_on(ancillary)
         return flow
 
@@ -328,7 +363,7 @@ class UdpProxy:
         flow.client_sock = self._client_socket(local, flow.client)
         if flow.client_sock is not None:
             flow.strays_possible = True
-            self.loop.add_reader(flow.client_sock.fileno(), self._on_client_datagrams, flow)
+            self.core.register(flow.client_sock, flow, DATAGRAM_EVENTS)
 
     def _received_on(self, ancillary: list[tuple[int, int, bytes]]) -> bytes | None:
         """The (post-NAT) address a datagram was delivered to, from its IP(V6)_PKTINFO."""
@@ -381,6 +416,7 @@ class UdpProxy:
                 return
             if not self._to_endpoint(flow, size):
                 return
+        self.core.again(lambda: self._on_client_datagrams(flow))
 
     def _sort_strays(self, flow: _Flow, client_sock: socket.socket) -> None:
         """Read with the sender's address, relaying each datagram on its sender's flow, until
@@ -405,6 +441,7 @@ class UdpProxy:
                 self._to_endpoint(owner, size)
             if flow.client_sock is None:  # this flow closed while relaying
                 return
+        self.core.again(lambda: self._on_client_datagrams(flow))
 
     def _to_endpoint(self, flow: _Flow, size: int) -> bool:
         """Send the read buffer's first `size` bytes on the flow; False if the flow is gone."""
@@ -421,6 +458,8 @@ class UdpProxy:
 
     # ---------------------------------------------------------------- endpoint -> client
     def _on_replies(self, flow: _Flow) -> None:
+        if self.flows.get(flow.client) is not flow:
+            return  # closed earlier in this batch
         service_sock = self._sock
         buffer, view = self._reply_buffer, self._reply_view
         flow.last_active = self.loop.time()
@@ -445,27 +484,29 @@ class UdpProxy:
                 log.debug("A UDP reply could not be sent.", service=str(self.name), error=str(err))
                 continue
             flow.counters.bytes_to_clients += size
+        self.core.again(lambda: self._on_replies(flow))
 
     # ---------------------------------------------------------------- idle expiry
+    def _expire_at(self, flow: _Flow, when: float) -> None:
+        self.core.call_at(when, lambda: self._check_idle(flow))
+
     def _check_idle(self, flow: _Flow) -> None:
+        if self.flows.get(flow.client) is not flow:
+            return  # closed already
         idle = self.loop.time() - flow.last_active
         if idle >= self.idle_timeout:
             self._close_flow(flow)
         else:
-            flow.timer = self.loop.call_later(self.idle_timeout - idle, self._check_idle, flow)
+            self._expire_at(flow, flow.last_active + self.idle_timeout)
 
     def _close_flow(self, flow: _Flow) -> None:
         if self.flows.get(flow.client) is not flow:
             return
         del self.flows[flow.client]
         self.budget.in_use -= 1
-        if flow.timer is not None:
-            flow.timer.cancel()
-        self.loop.remove_reader(flow.sock.fileno())
-        flow.sock.close()
+        self.core.close_later(flow.sock)
         if flow.client_sock is not None:
-            self.loop.remove_reader(flow.client_sock.fileno())
-            flow.client_sock.close()
+            self.core.close_later(flow.client_sock)
             flow.client_sock = None
         flow.counters.active -= 1
 
