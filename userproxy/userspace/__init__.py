@@ -4,5 +4,5 @@ endpoints the balancer picks, and portals (kernel rules) that send service traff
 `proxier.Proxier` is the mode's `Provider`; `setup.make_provider` builds it from the settings
 with its portals and worker processes. Relays: `tcp.py` (raw sockets on the process's own
 edge-triggered epoll, `eventcore.py`, with a splice(2) hand-over in `splice.py` for bulk flows)
-and `udp.py` (non-blocking sockets on the asyncio loop, per-client flows).
+and `udp.py` (per-client flows, on the same core).
 """
