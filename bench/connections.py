@@ -3,12 +3,19 @@ the load (wrk, nginx backends) on the other, so per-commit changes show without 
 shared cores.
 
     sudo python3 bench/connections.py [--rounds 5] [--syscalls] [--peers haproxy,userproxy]
+    sudo python3 bench/connections.py --workers-scaling [--clients 8]
 
 The same sealed topology as bench/run.py. Each round runs wrk with `Connection: close` (one
 thread, 32 connections, 3 s) against every peer in turn; the figures are medians over the
 rounds: new connections per second, the proxy's CPU per connection (user + system time of its
 processes over the run), and with `--syscalls` the system calls per connection (strace -c on
 the proxy for one extra run: strace slows it, the count per connection is what matters).
+
+`--workers-scaling` measures `userproxy --workers 2` against one process instead, unpinned,
+with connections from several client addresses: the client namespace gets `--clients`
+addresses and an nftables rule there (in the sealed namespace) gives each new connection the
+next one as its source, so the workers' reuseport steering, which picks a process by client
+address, spreads them.
 """
 
 from __future__ import annotations
@@ -52,19 +59,19 @@ def pin(pids: list[int], cpus: str) -> None:
         subprocess.run(["taskset", "-a", "-cp", cpus, str(pid)], capture_output=True, check=False)
 
 
-def run_wrk(b: Bench, peer: str) -> tuple[float, int, str]:
+def run_wrk(b: Bench, peer: str, *, pinned: bool = True) -> tuple[float, int, str]:
     host, port = TARGETS[peer]["web"]
-    argv = ["taskset", "-c", LOAD_CPUS, "wrk", "-H", "Connection: close", "-t1", "-c32", "-d3s",
-            f"http://{host}:{port}/"]  # fmt: skip
+    argv = ["taskset", "-c", LOAD_CPUS] if pinned else []
+    argv += ["wrk", "-H", "Connection: close", "-t1", "-c32", "-d3s", f"http://{host}:{port}/"]
     out = b.topo.run("cli", *argv, timeout=60)
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])  # type: ignore[index]
     requests = int(re.search(r"(\d+) requests in", out)[1])  # type: ignore[index]
     return rate, requests, out
 
 
-def measure(b: Bench, peer: str) -> dict[str, float]:
+def measure(b: Bench, peer: str, *, pinned: bool = True) -> dict[str, float]:
     before = cpu_seconds(b, peer)
-    rate, requests, _ = run_wrk(b, peer)
+    rate, requests, _ = run_wrk(b, peer, pinned=pinned)
     after = cpu_seconds(b, peer)
     assert before is not None and after is not None
     return {"new_conn_per_s": rate, "cpu_us": (after - before) * 1e6 / requests}
@@ -89,7 +96,52 @@ def syscalls(b: Bench, peer: str) -> float:
     return int(total[1]) / requests if total else float("nan")
 
 
+def many_clients(topo: Topology, count: int) -> None:
+    """`count` source addresses for the client, taken in turn by each new connection."""
+    addresses = [f"10.0.1.{10 + i}" for i in range(count)]
+    topo.batch("cli", [f"addr add {a}/24 dev eth0" for a in addresses])
+    choices = ", ".join(f"{i} : {a}" for i, a in enumerate(addresses))
+    rules = (
+        "add table ip bench\n"
+        "add chain ip bench out { type nat hook postrouting priority 100 ; }\n"
+        f"add rule ip bench out ip daddr != 10.0.1.0/24 snat to numgen inc mod {count} "
+        f"map {{ {choices} }}\n"
+    )
+    subprocess.run(topo.argv("cli", "nft", "-f", "-"), input=rules, text=True, check=True)
+
+
+async def workers_scaling(args: argparse.Namespace) -> None:
+    rates: dict[str, list[float]] = {"1 process": [], "--workers 2": []}
+    with tempfile.TemporaryDirectory(prefix="userproxy-conn-bench-") as tmp:
+        topo = Topology().create()
+        bench = Bench(topo, Path(tmp))
+        try:
+            bench.start_backends()
+            await bench.start_api()
+            many_clients(topo, args.clients)
+            for label, extra in (("1 process", []), ("--workers 2", ["--workers", "2"])):
+                proxy = await bench.start_userproxy(extra)
+                await asyncio.sleep(1.0)  # workers up and fed
+                for _ in range(args.rounds):
+                    bench.fresh_conntrack()
+                    got = await asyncio.to_thread(measure, bench, "userproxy", pinned=False)
+                    rates[label].append(got["new_conn_per_s"])
+                proxy.terminate()
+                await asyncio.to_thread(proxy.wait, 30)
+        finally:
+            bench.stop()
+            await bench.fake.stop()
+            topo.destroy()
+    one, two = (statistics.median(rates[k]) for k in rates)
+    print(f"\nNew connections from {args.clients} client addresses, unpinned, medians of "
+          f"{args.rounds} ({os.cpu_count()} cores): one process {one:,.0f}/s, --workers 2 "
+          f"{two:,.0f}/s, {two / one:.2f}x.")  # fmt: skip
+
+
 async def main(args: argparse.Namespace) -> None:
+    if args.workers_scaling:
+        await workers_scaling(args)
+        return
     with tempfile.TemporaryDirectory(prefix="userproxy-conn-bench-") as tmp:
         topo = Topology().create()
         bench = Bench(topo, Path(tmp))
@@ -135,4 +187,10 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--syscalls", action="store_true", help="count syscalls with strace")
     parser.add_argument("--peers", type=lambda s: s.split(","), default=PEERS)
+    parser.add_argument(
+        "--workers-scaling",
+        action="store_true",
+        help="--workers 2 against one process, several client addresses",
+    )
+    parser.add_argument("--clients", type=int, default=8, help="client addresses (scaling)")
     asyncio.run(main(parser.parse_args()))
