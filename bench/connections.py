@@ -96,6 +96,13 @@ def syscalls(b: Bench, peer: str) -> float:
     return int(total[1]) / requests if total else float("nan")
 
 
+def machine_busy() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine so far, from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
 def many_clients(topo: Topology, count: int) -> None:
     """`count` source addresses for the client, taken in turn by each new connection."""
     addresses = [f"10.0.1.{10 + i}" for i in range(count)]
@@ -112,6 +119,7 @@ def many_clients(topo: Topology, count: int) -> None:
 
 async def workers_scaling(args: argparse.Namespace) -> None:
     rates: dict[str, list[float]] = {"1 process": [], "--workers 2": []}
+    busy: dict[str, list[float]] = {k: [] for k in rates}
     with tempfile.TemporaryDirectory(prefix="userproxy-conn-bench-") as tmp:
         topo = Topology().create()
         bench = Bench(topo, Path(tmp))
@@ -124,8 +132,11 @@ async def workers_scaling(args: argparse.Namespace) -> None:
                 await asyncio.sleep(1.0)  # workers up and fed
                 for _ in range(args.rounds):
                     bench.fresh_conntrack()
+                    before = machine_busy()
                     got = await asyncio.to_thread(measure, bench, "userproxy", pinned=False)
+                    after = machine_busy()
                     rates[label].append(got["new_conn_per_s"])
+                    busy[label].append((after[0] - before[0]) / (after[1] - before[1]))
                 proxy.terminate()
                 await asyncio.to_thread(proxy.wait, 30)
         finally:
@@ -135,7 +146,9 @@ async def workers_scaling(args: argparse.Namespace) -> None:
     one, two = (statistics.median(rates[k]) for k in rates)
     print(f"\nNew connections from {args.clients} client addresses, unpinned, medians of "
           f"{args.rounds} ({os.cpu_count()} cores): one process {one:,.0f}/s, --workers 2 "
-          f"{two:,.0f}/s, {two / one:.2f}x.")  # fmt: skip
+          f"{two:,.0f}/s, {two / one:.2f}x. The machine's cores were busy "
+          f"{statistics.median(busy['1 process']):.0%} and "
+          f"{statistics.median(busy['--workers 2']):.0%} of the time.")  # fmt: skip
 
 
 async def main(args: argparse.Namespace) -> None:
