@@ -1,12 +1,17 @@
-"""What the kernel modes (iptables, nftables) check on the host before they write rules."""
+"""What the kernel modes (iptables, nftables) share: the host checks before they write rules,
+their dual-stack assembly, and the hand-over methods that have nothing to do where the kernel
+serves."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import structlog
 
+from userproxy.dualstack import DualStack
 from userproxy.model import Family
 from userproxy.provider import StartupError
 
@@ -33,3 +38,41 @@ def _sysctl(name: str) -> str:
         return Path(f"/proc/sys/{name}").read_text().strip()
     except OSError:
         return ""
+
+
+def ipv4_first(
+    make: Callable[[Family, Callable[[], object]], Any], take_over_rules: Callable[[], object]
+) -> DualStack:
+    """The IPv4 provider now (it takes the node's rules over), the IPv6 one when the first IPv6
+    Service or endpoint arrives; a family that cannot be served is reported, not fatal."""
+
+    def factory(family: Family) -> Any:
+        try:
+            return make(family, lambda: None)
+        except StartupError as err:
+            return str(err)
+
+    return DualStack(make(Family.IPv4, take_over_rules), Family.IPv4, factory)
+
+
+class KernelServed:
+    """The `Provider` methods of a mode whose traffic the kernel carries: no listeners to hand
+    over or drain, and rules that stay when the process stops (the kernel keeps serving)."""
+
+    _thread: Any  # the mode's `RuleWriter`
+
+    def listener_ports(self) -> dict[str, int]:
+        return {}
+
+    def handover_fds(self) -> list[tuple[str, int]]:
+        return []  # there is nothing to hand over but the lock
+
+    def stop_accepting(self) -> None:
+        """Nothing accepts here."""
+
+    async def drain(self, timeout: float) -> int:
+        return 0
+
+    async def close(self, *, keep_rules: bool = False) -> None:
+        """The rules stay: the kernel keeps serving while no proxy runs."""
+        self._thread.close()

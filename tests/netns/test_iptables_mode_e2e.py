@@ -108,24 +108,35 @@ async def test_kernel_paths_spread_affinity_and_refusal(
     assert sum(e["total"] for e in web["endpoints"]) >= 200 + 8 + 8 + 8
 
 
-async def test_endpoint_changes_keep_established_flows(
-    node: tuple[dict[str, str], Path, Start],
-) -> None:
-    ns, path, start = node
-    await start("iptables")
+async def established_flow_outlives_its_endpoint(
+    ns: dict[str, str], path: Path, manifest: Callable[[list[str]], list[dict[str, Any]]]
+) -> str:
+    """A pod's connection through the VIP; its endpoint leaves the Service. New connections
+    stop reaching it within seconds; the established one keeps flowing (its conntrack entry
+    still maps it). Returns the endpoint that left."""
     loop = asyncio.get_running_loop()
     sock = topo.socket_in(ns["pod1"])
     await asyncio.wait_for(loop.sock_connect(sock, (VIP, 80)), 3)
     first = (await asyncio.wait_for(loop.sock_recv(sock, 100), 3)).decode().strip()
     other = (PODS - {first}).pop()
-    path.write_text(yaml.safe_dump_all(manifest([other])))  # the connected pod leaves
+    text = yaml.safe_dump_all(manifest([other]))
+    await asyncio.to_thread(path.write_text, text)  # the connected pod leaves
     deadline = loop.time() + 5
     while {await tcp(ns["pod2"], VIP, 80) for _ in range(6)} != {other}:
         assert loop.time() < deadline, "new connections still reach the removed endpoint"
         await asyncio.sleep(0.2)
-    await loop.sock_sendall(sock, b"still there\n")  # its conntrack entry still maps it
+    await loop.sock_sendall(sock, b"still there\n")
     assert await asyncio.wait_for(loop.sock_recv(sock, 100), 3) == b"still there\n"
     sock.close()
+    return first
+
+
+async def test_endpoint_changes_keep_established_flows(
+    node: tuple[dict[str, str], Path, Start],
+) -> None:
+    ns, path, start = node
+    await start("iptables")
+    await established_flow_outlives_its_endpoint(ns, path, manifest)
 
 
 async def test_switching_modes_leaves_nothing_of_the_other(

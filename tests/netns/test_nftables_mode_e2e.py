@@ -19,6 +19,7 @@ import yaml
 
 from tests.netns import topology as topo
 from tests.netns.procs import start_backends, start_userproxy, stop_all
+from tests.netns.test_iptables_mode_e2e import established_flow_outlives_its_endpoint
 from tests.netns.test_portals_e2e import PODS, tcp, udp
 from userproxy.objects import endpoint_slice, service
 
@@ -146,19 +147,8 @@ async def test_endpoint_changes_keep_established_flows(
 ) -> None:
     ns, path, start = node
     await start("nftables")
+    first = await established_flow_outlives_its_endpoint(ns, path, manifest)
     loop = asyncio.get_running_loop()
-    sock = topo.socket_in(ns["pod1"])
-    await asyncio.wait_for(loop.sock_connect(sock, (VIP, 80)), 3)
-    first = (await asyncio.wait_for(loop.sock_recv(sock, 100), 3)).decode().strip()
-    other = (PODS - {first}).pop()
-    path.write_text(yaml.safe_dump_all(manifest([other])))  # the connected pod leaves
-    deadline = loop.time() + 5
-    while {await tcp(ns["pod2"], VIP, 80) for _ in range(6)} != {other}:
-        assert loop.time() < deadline, "new connections still reach the removed endpoint"
-        await asyncio.sleep(0.2)
-    await loop.sock_sendall(sock, b"still there\n")  # its conntrack entry still maps it
-    assert await asyncio.wait_for(loop.sock_recv(sock, 100), 3) == b"still there\n"
-    sock.close()
     deadline = loop.time() + 5  # the removed endpoint's chain goes a second later
     while f"default/web/tcp/tcp__{topo.POD_IPS[first]}/8080" in table(ns):
         assert loop.time() < deadline, "the stale endpoint chain stays"

@@ -25,6 +25,7 @@ from userproxy.iptables.rule import NAT, Ruleset, plan_jumps
 from userproxy.iptables.text import builtin_chain_lines, chain_names, chains_text, jump_targets
 from userproxy.iptables.writer import RuleWriter
 from userproxy.iptables_mode import rules
+from userproxy.kernelmodes import KernelServed
 from userproxy.model import Endpoint, ServicePort, ServicePortName, is_loopback
 from userproxy.provider import EndpointStatus, ProxyStatus, ServicePortStatus
 from userproxy.settings import Settings
@@ -89,7 +90,7 @@ def owned_rules_text(iptables: Iptables) -> str:
     return "" if texts is None else owned_text(iptables, texts, rules.owned, " (iptables mode)")
 
 
-class IptablesProvider:
+class IptablesProvider(KernelServed):
     """`--proxy-mode iptables`: sources' changes become kernel rules at each sync."""
 
     mode = "iptables"
@@ -195,19 +196,3 @@ class IptablesProvider:
             ),
             pending_service_changes=self.tracker.pending,
         )
-
-    def listener_ports(self) -> dict[str, int]:
-        return {}
-
-    def handover_fds(self) -> list[tuple[str, int]]:
-        return []  # the kernel serves: there is nothing to hand over but the lock
-
-    def stop_accepting(self) -> None:
-        """Nothing accepts here."""
-
-    async def drain(self, timeout: float) -> int:
-        return 0
-
-    async def close(self, *, keep_rules: bool = False) -> None:
-        """The rules stay: the kernel keeps serving while no proxy runs."""
-        self._thread.close()

@@ -15,7 +15,7 @@ from userproxy.iptables.interface import RulesError
 from userproxy.iptables_mode import provider as iptables_mode
 from userproxy.iptables_mode.provider import IptablesProvider, KernelRuleWriter
 from userproxy.iptables_mode.rules import KernelConfig
-from userproxy.kernelmodes import check_root, warn_if_not_forwarding
+from userproxy.kernelmodes import check_root, ipv4_first, warn_if_not_forwarding
 from userproxy.model import Family
 from userproxy.provider import StartupError
 from userproxy.settings import Settings
@@ -30,15 +30,7 @@ def make_provider(
     Service arrives. `adoption` is unused: the kernel serves, there are no listening sockets
     to inherit."""
     check_root("iptables")
-    primary = Family.IPv4
-
-    def factory(family: Family) -> IptablesProvider | str:
-        try:
-            return _family_provider(settings, family, lambda: None)
-        except StartupError as err:
-            return str(err)
-
-    return DualStack(_family_provider(settings, primary, take_over_rules), primary, factory)
+    return ipv4_first(lambda f, take: _family_provider(settings, f, take), take_over_rules)
 
 
 def _family_provider(

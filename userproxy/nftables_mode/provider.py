@@ -26,6 +26,7 @@ import structlog
 from userproxy.changes import EndpointsCache, ServiceChangeTracker, ServiceKey, names_of
 from userproxy.convert import EndpointsResult
 from userproxy.iptables.writer import RuleWriter
+from userproxy.kernelmodes import KernelServed
 from userproxy.model import Endpoint, ServicePort, ServicePortName, is_loopback
 from userproxy.nftables.interface import Nftables, NftError
 from userproxy.nftables.transaction import Chain, Element, Rule, Set, Transaction
@@ -58,7 +59,7 @@ class Written:
         return owners[min(owners)] if owners else None
 
 
-class NftablesProvider:
+class NftablesProvider(KernelServed):
     """`--proxy-mode nftables` for one address family."""
 
     mode = "nftables"
@@ -358,22 +359,6 @@ class NftablesProvider:
             local_endpoints=len(backed.local),
             endpoints=tuple(EndpointStatus(ep) for ep in shown),
         )
-
-    def listener_ports(self) -> dict[str, int]:
-        return {}
-
-    def handover_fds(self) -> list[tuple[str, int]]:
-        return []  # the kernel serves: there is nothing to hand over but the lock
-
-    def stop_accepting(self) -> None:
-        """Nothing accepts here."""
-
-    async def drain(self, timeout: float) -> int:
-        return 0
-
-    async def close(self, *, keep_rules: bool = False) -> None:
-        """The rules stay: the kernel keeps serving while no proxy runs."""
-        self._thread.close()
 
 
 def cleanup(nft: Nftables) -> int:

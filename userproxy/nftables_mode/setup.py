@@ -11,7 +11,7 @@ import structlog
 from userproxy.dualstack import DualStack
 from userproxy.handover.adoption import Adoption
 from userproxy.iptables.interface import RulesError
-from userproxy.kernelmodes import check_root, warn_if_not_forwarding
+from userproxy.kernelmodes import check_root, ipv4_first, warn_if_not_forwarding
 from userproxy.model import Family
 from userproxy.nftables.exec import ExecNftables, nft_available
 from userproxy.nftables.interface import NftError
@@ -32,15 +32,7 @@ def make_provider(
     check_root("nftables")
     if not nft_available():
         raise StartupError("proxy-mode nftables needs the nft binary: install nftables")
-    primary = Family.IPv4
-
-    def factory(family: Family) -> NftablesProvider | str:
-        try:
-            return _family_provider(settings, family, lambda: None)
-        except StartupError as err:
-            return str(err)
-
-    return DualStack(_family_provider(settings, primary, take_over_rules), primary, factory)
+    return ipv4_first(lambda f, take: _family_provider(settings, f, take), take_over_rules)
 
 
 def _family_provider(
