@@ -5,14 +5,14 @@ serves."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from userproxy.dualstack import DualStack
-from userproxy.model import Family
+from userproxy.model import Endpoint, Family, ServicePortName, is_loopback
 from userproxy.provider import StartupError
 
 log = structlog.get_logger("userproxy")
@@ -76,3 +76,21 @@ class KernelServed:
     async def close(self, *, keep_rules: bool = False) -> None:
         """The rules stay: the kernel keeps serving while no proxy runs."""
         self._thread.close()
+
+
+class LoopbackFilter:
+    """Leaves loopback endpoints out of kernel rules: DNAT to 127.0.0.0/8 would hand pods the
+    node's private listeners (the API server refuses such endpoints; a manifest may name
+    them). Each one left out is logged once."""
+
+    def __init__(self) -> None:
+        self._refused: set[tuple[ServicePortName, Endpoint]] = set()
+
+    def routable(self, name: ServicePortName, endpoints: Iterable[Endpoint]) -> Iterator[Endpoint]:
+        for endpoint in endpoints:
+            if not is_loopback(endpoint.ip):
+                yield endpoint
+            elif (name, endpoint) not in self._refused:
+                self._refused.add((name, endpoint))
+                log.warning("Left out an endpoint on loopback: the kernel modes cannot serve it.",
+                            service=str(name), endpoint=str(endpoint))  # fmt: skip

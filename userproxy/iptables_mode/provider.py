@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import structlog
 
@@ -25,8 +25,8 @@ from userproxy.iptables.rule import NAT, Ruleset, plan_jumps
 from userproxy.iptables.text import builtin_chain_lines, chain_names, chains_text, jump_targets
 from userproxy.iptables.writer import RuleWriter
 from userproxy.iptables_mode import rules
-from userproxy.kernelmodes import KernelServed
-from userproxy.model import Endpoint, ServicePort, ServicePortName, is_loopback
+from userproxy.kernelmodes import KernelServed, LoopbackFilter
+from userproxy.model import ServicePort, ServicePortName
 from userproxy.provider import EndpointStatus, ProxyStatus, ServicePortStatus
 from userproxy.settings import Settings
 
@@ -114,7 +114,7 @@ class IptablesProvider(KernelServed):
         self._thread = RuleWriter(full_sync_period=settings.sync_period, clock=clock)
         #: Connections through each KUBE-SEP chain, as last read (`read_counters`).
         self._kernel_counts: dict[str, int] = {}
-        self._refused: set[tuple[ServicePortName, Endpoint]] = set()
+        self._loopback = LoopbackFilter()
 
     # ------------------------------------------------------------------ source handlers
     def on_service(self, key: ServiceKey, ports: tuple[ServicePort, ...] | None) -> None:
@@ -138,7 +138,7 @@ class IptablesProvider(KernelServed):
         for name, port in sorted(self.ports.items()):
             local = self.settings.node_name if port.internal_local else None
             endpoints = tuple(
-                self._routable(
+                self._loopback.routable(
                     name,
                     self.endpoints.endpoints(
                         name, local_node=local, topology=self.settings.topology
@@ -146,19 +146,8 @@ class IptablesProvider(KernelServed):
                 )
             )
             here = self.endpoints.endpoints(name, local_node=self.settings.node_name)
-            out.append(rules.Backed(port, endpoints, tuple(self._routable(name, here))))
+            out.append(rules.Backed(port, endpoints, tuple(self._loopback.routable(name, here))))
         return out
-
-    def _routable(self, name: ServicePortName, endpoints: list[Endpoint]) -> Iterator[Endpoint]:
-        """Loopback endpoints are left out: DNAT to 127.0.0.0/8 would hand pods the node's
-        private listeners (the API server refuses such endpoints; a manifest may name them)."""
-        for endpoint in endpoints:
-            if not is_loopback(endpoint.ip):
-                yield endpoint
-            elif (name, endpoint) not in self._refused:
-                self._refused.add((name, endpoint))
-                log.warning("Left out an endpoint on loopback: the kernel modes cannot serve it.",
-                            service=str(name), endpoint=str(endpoint))  # fmt: skip
 
     async def sync(self) -> None:
         async with self._lock:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import structlog
@@ -26,8 +26,8 @@ import structlog
 from userproxy.changes import EndpointsCache, ServiceChangeTracker, ServiceKey, names_of
 from userproxy.convert import EndpointsResult
 from userproxy.iptables.writer import RuleWriter
-from userproxy.kernelmodes import KernelServed
-from userproxy.model import Endpoint, ServicePort, ServicePortName, is_loopback
+from userproxy.kernelmodes import KernelServed, LoopbackFilter
+from userproxy.model import Endpoint, ServicePort, ServicePortName
 from userproxy.nftables.interface import Nftables, NftError
 from userproxy.nftables.transaction import Chain, Element, Rule, Set, Transaction
 from userproxy.nftables_mode import rules
@@ -88,7 +88,7 @@ class NftablesProvider(KernelServed):
         self._base_recreated = False
         #: Chains flushed as stale, by the time they were flushed (deleted a second later).
         self._stale_chains: dict[str, float] = {}
-        self._refused: set[tuple[ServicePortName, Endpoint]] = set()
+        self._loopback = LoopbackFilter()
         self._lock = asyncio.Lock()
         self._thread = RuleWriter(full_sync_period=settings.sync_period, clock=clock)
         #: `kubeproxy_sync_proxy_rules_nftables_{sync,cleanup}_failures_total`.
@@ -168,19 +168,10 @@ class NftablesProvider(KernelServed):
         cluster = self.endpoints.endpoints(name, topology=topology)
         local = self.endpoints.endpoints(name, local_node=self.settings.node_name)
         return Backed(
-            port, tuple(self._routable(name, cluster)), tuple(self._routable(name, local))
+            port,
+            tuple(self._loopback.routable(name, cluster)),
+            tuple(self._loopback.routable(name, local)),
         )
-
-    def _routable(self, name: ServicePortName, endpoints: list[Endpoint]) -> Iterator[Endpoint]:
-        """Loopback endpoints are left out: DNAT to 127.0.0.0/8 would hand pods the node's
-        private listeners (the API server refuses such endpoints; a manifest may name them)."""
-        for endpoint in endpoints:
-            if not is_loopback(endpoint.ip):
-                yield endpoint
-            elif (name, endpoint) not in self._refused:
-                self._refused.add((name, endpoint))
-                log.warning("Left out an endpoint on loopback: the kernel modes cannot serve it.",
-                            service=str(name), endpoint=str(endpoint))  # fmt: skip
 
     # ------------------------------------------------------------------ writing (rule thread)
     def _write(self, full: bool, updates: Updates) -> None:
