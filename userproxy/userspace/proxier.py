@@ -687,7 +687,7 @@ class Proxier:
                 self._close_listener(runtime)
                 abort_all(runtime.connections)
                 self.balancer.delete_service(name)
-        # Let the transports run their connection_lost callbacks and release their sockets.
+        # Let what the aborts scheduled (spliced relays' closes, the event core's) run.
         await asyncio.sleep(0)
 
 

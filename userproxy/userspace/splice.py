@@ -1,14 +1,13 @@
 """Zero-copy relaying for bulk TCP flows: each direction moves through a pipe with splice(2).
 
-A relay starts on asyncio transports (cheapest for connection setup and small exchanges) and
-is handed here once it has moved `SPLICE_AFTER` bytes one way. The kernel then moves the
-data from one socket's receive queue to the other's send queue by page reference: no copy
-into Python, no bytes objects, one syscall pair per pipe-full.
+A relay starts on the event core (`tcp.Relay`: cheapest for connection setup and small
+exchanges) and is handed here once it has moved `SPLICE_AFTER` bytes one way. The kernel then
+moves the data from one socket's receive queue to the other's send queue by page reference: no
+copy into Python, no bytes objects, one syscall pair per pipe-full.
 
-The hand-over: the two sockets are duplicated and the transports aborted. Closing a
-duplicated descriptor only drops a reference, so the connections stay open and untouched;
-their transports had nothing buffered (a condition for the hand-over). From there this module
-owns the sockets and keeps the relay's contract:
+The hand-over: the event core stops watching the two sockets (nothing of them is buffered in
+the relay, a condition for the hand-over) and this module owns them from there, on the asyncio
+loop's own readers, keeping the relay's contract:
 
 - backpressure: a direction stops reading while its pipe cannot be emptied into the peer;
 - a FIN is passed on as a FIN once the pipe is drained, and the other direction keeps going;
@@ -30,7 +29,7 @@ from collections.abc import Callable
 
 from userproxy.userspace.tcpstate import PAUSED_CHECK_INTERVAL, connection_gone
 
-#: Bytes one direction of a relay moves on transports before it is handed to splice. The
+#: Bytes one direction of a relay moves on the event core before it is handed to splice. The
 #: hand-over costs a few syscalls and two pipes; it pays off only for bulk transfers.
 SPLICE_AFTER = 1024 * 1024
 #: Pipe capacity per direction (pages are only allocated while data sits in the pipe).
@@ -227,16 +226,3 @@ class SpliceRelay:
         if direction.reading:
             direction.reading = False
             self.loop.remove_reader(direction.src.fileno())
-
-
-def take_socket(transport: asyncio.BaseTransport) -> socket.socket:
-    """A socket object of our own for the transport's connection (a duplicated descriptor)."""
-    sock = transport.get_extra_info("socket")
-    fd = os.dup(sock.fileno())
-    try:
-        taken = socket.socket(fileno=fd)
-    except OSError:
-        os.close(fd)
-        raise
-    taken.setblocking(False)
-    return taken
