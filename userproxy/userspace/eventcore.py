@@ -32,6 +32,10 @@ import weakref
 from collections.abc import Callable
 from typing import Protocol
 
+import structlog
+
+log = structlog.get_logger("userproxy.eventcore")
+
 EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
 EPOLLERR = select.EPOLLERR
@@ -148,7 +152,12 @@ class EventCore:
             for fd, mask in events:
                 handler = handlers.get(fd)
                 if handler is not None:
-                    handler.on_events(fd, mask)
+                    try:
+                        handler.on_events(fd, mask)
+                    except Exception:
+                        # Edge-triggered: the batch's other events come only once, so one
+                        # handler's fault must not cost the other connections theirs.
+                        log.exception("A relay failed handling its events.", fd=fd)
         finally:
             self._end_batch()
 
@@ -160,7 +169,7 @@ class EventCore:
         self._in_batch = True
         try:
             for callback in pending:
-                callback()
+                _guarded(callback)
         finally:
             self._end_batch()
 
@@ -178,7 +187,7 @@ class EventCore:
         if deadlines:
             now = self.loop.time()
             while deadlines and deadlines[0][0] <= now:
-                heapq.heappop(deadlines)[2]()
+                _guarded(heapq.heappop(deadlines)[2])
             if deadlines and deadlines[0][0] < self._timer_at:
                 self._timer_at = deadlines[0][0]
                 self._timer = self.loop.call_at(self._timer_at, self._on_timer)
@@ -206,6 +215,13 @@ class EventCore:
             sock.close()
         self._closing = []
         self._epoll.close()
+
+
+def _guarded(callback: Callable[[], None]) -> None:
+    try:
+        callback()
+    except Exception:
+        log.exception("A relay's deferred work failed.")
 
 
 _cores: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, EventCore] = (
